@@ -1,0 +1,1 @@
+"""The core: modules, variables, filters, the graph view, state and rngs."""

@@ -1,0 +1,544 @@
+"""The graph view: split a model into structure + State, and back.
+
+toylib's functions see the model as a *graph*: a Module or Variable reachable
+along two paths is one object, reported once (at its first path), and
+restored as one shared object by ``merge``; reference cycles are fine.
+
+``GraphDef`` is the hashable structure (types, static attributes, where the
+shared references go); ``State`` holds the Variables. ``split``/``state``
+return *snapshots*: fresh Variable objects with the same values, so editing
+the State does not touch the model (use ``update`` for that) and vice versa.
+
+Example:
+    >>> import jax.numpy as jnp, toylib as tl
+    >>> from toylib import nn
+    >>> model = nn.Linear(2, 3, rngs=0)
+    >>> graphdef, params = tl.split(model, tl.Param)
+    >>> twin = tl.merge(graphdef, params)
+    >>> bool((twin(jnp.ones(2)) == model(jnp.ones(2))).all())
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from toylib._core.filters import to_predicate
+from toylib._core.module import Map, Module, Seq, format_path, is_array, iter_graph, rebuild, walk
+from toylib._core.state import State, split_flat
+from toylib._core.variables import Variable, new_variable
+
+__all__ = [
+    "GraphDef",
+    "clone",
+    "flatten",
+    "iter_modules",
+    "iter_variables",
+    "merge",
+    "pop",
+    "split",
+    "state",
+    "unflatten",
+    "update",
+]
+
+Path = tuple[Any, ...]
+
+MERGE_MISMATCH = """\
+tl.merge: the State does not fit the GraphDef ({graph}).
+{details}
+Fix: merge with the States that tl.split returned for this graphdef, all of
+them (e.g. both `params` and `rest`):
+
+    graphdef, params, rest = tl.split(model, tl.Param, ...)
+    model = tl.merge(graphdef, params, rest)
+"""
+
+UPDATE_MISMATCH = """\
+tl.update: the State has {what} at `{path}`, but {found}.
+Nothing was changed. Fix: update with a State taken from this model
+(`tl.state(model)`, `tl.split(model)`), or from a model of the same structure.
+"""
+
+POP_FROM_SEQUENCE = """\
+tl.pop: the {kind} at `{path}` is an element of a {container}; removing it
+would renumber the others. Nothing was removed.
+Fix: keep Variables you pop (e.g. Intermediates) as Module attributes:
+
+    self.features = tl.Intermediate(x)
+"""
+
+BAD_ROOT = """\
+{caller}: expected a Module (or a list/tuple/dict of Modules), got a {kind}.
+Fix: pass the model itself, e.g. `tl.split(model)`.
+"""
+
+
+# -- structure ---------------------------------------------------------------------
+# Definitions are frozen dataclasses rather than NamedTuples so that, say, a
+# reference to node 3 never compares equal to a static attribute equal to (3,).
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleDef:
+    type: type
+    index: int
+    attributes: tuple  # ((name, skeleton), ...)
+
+
+@dataclass(frozen=True, slots=True)
+class VariableDef:
+    type: type
+    index: int
+    metadata: tuple
+
+
+@dataclass(frozen=True, slots=True)
+class ArrayDef:
+    """A bare array attribute (not wrapped in a Variable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """A second reference to the node numbered ``index``."""
+
+    index: int
+
+
+_ARRAY = ArrayDef()
+
+
+class GraphDef:
+    """The static structure of a graph of Modules: hashable, immutable.
+
+    ``graphdef.apply(*states)(x)`` calls the merged model and returns
+    ``(out, (new_state, new_graphdef))``; ``.apply(*states).method(x)`` and
+    ``.apply(*states).submodule(x)`` call a method or a submodule instead.
+    """
+
+    __slots__ = ("root", "_hash", "_paths")
+
+    def __init__(self, root: Any) -> None:
+        self.root = root
+        self._hash = hash(root)
+        self._paths: tuple[Path, ...] | None = None
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (
+            type(other) is GraphDef and self._hash == other._hash and self.root == other.root
+        )
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    @property
+    def leaf_paths(self) -> tuple[Path, ...]:
+        """The paths of all Variables (and bare arrays), as ``State.flat()`` lists them."""
+        if self._paths is None:
+            paths: list[Path] = []
+            seen: set[int] = set()
+
+            def record(path: Path, node: Any) -> None:
+                if type(node) is ModuleDef and node.index not in seen:
+                    seen.add(node.index)
+                    for name, skeleton in node.attributes:
+                        rebuild(skeleton, (*path, name), record)
+                elif type(node) in (VariableDef, ArrayDef):
+                    paths.append(path)
+
+            rebuild(self.root, (), record)
+            self._paths = tuple(paths)
+        return self._paths
+
+    def apply(self, *states: State) -> _Apply:
+        """A pure call: merge, call, split. See the class docstring."""
+        return _Apply(self, states, ())
+
+    def __repr__(self) -> str:
+        root = self.root
+        name = root.type.__name__ if isinstance(root, ModuleDef) else type(root).__name__
+        return f"GraphDef({name}, {len(self.leaf_paths)} leaves)"
+
+
+def flatten(node: Any) -> tuple[GraphDef, list[tuple[Path, Any]]]:
+    """``(graphdef, [(path, leaf), ...])`` with the live Variables (and bare arrays)."""
+    index: dict[int, int] = {}
+    leaves: list[tuple[Path, Any]] = []
+
+    def visit(path: Path, obj: Any) -> Any:
+        if is_array(obj):
+            leaves.append((path, obj))
+            return _ARRAY
+        seen = index.get(id(obj))
+        if seen is not None:
+            return Ref(seen)
+        index[id(obj)] = number = len(index)
+        if isinstance(obj, Variable):
+            leaves.append((path, obj))
+            return VariableDef(type(obj), number, tuple(obj._metadata.items()))
+        attributes = tuple((name, walk(v, (*path, name), visit)) for name, v in vars(obj).items())
+        return ModuleDef(type(obj), number, attributes)
+
+    return GraphDef(walk(node, (), visit)), leaves
+
+
+def unflatten(graphdef: GraphDef, leaves: dict[Path, Any]) -> Any:
+    """Build fresh objects from ``graphdef`` and ``{path: leaf}`` (validated by the caller)."""
+    nodes: dict[int, Any] = {}
+
+    def build(path: Path, node: Any) -> Any:
+        kind = type(node)
+        if kind is Ref:
+            return nodes[node.index]
+        if kind is ArrayDef:
+            leaf = leaves[path]
+            return leaf.value if isinstance(leaf, Variable) else leaf
+        if kind is VariableDef:
+            leaf = leaves[path]
+            if isinstance(leaf, Variable):
+                variable = new_variable(type(leaf), leaf.value, leaf._metadata)
+            else:
+                variable = new_variable(node.type, leaf, node.metadata)
+            nodes[node.index] = variable
+            return variable
+        module = object.__new__(node.type)
+        nodes[node.index] = module
+        attributes = vars(module)
+        for name, skeleton in node.attributes:
+            attributes[name] = rebuild(skeleton, (*path, name), build)
+        return module
+
+    return rebuild(graphdef.root, (), build)
+
+
+def _graph_leaves(node: Any, caller: str) -> tuple[GraphDef, list[tuple[Path, Any]]]:
+    if not isinstance(node, Module | list | tuple | dict):
+        raise TypeError(BAD_ROOT.format(caller=caller, kind=type(node).__name__))
+    return flatten(node)
+
+
+def _snapshot(leaf: Any) -> Any:
+    return leaf.copy() if isinstance(leaf, Variable) else leaf
+
+
+# -- the functional API ---------------------------------------------------------------
+
+
+def split(node: Any, *filters: Any) -> tuple[Any, ...]:
+    """Split a model into its GraphDef and State(s).
+
+    Arguments:
+        node: a Module (or a list/tuple/dict of Modules).
+        *filters: none for one State of everything; otherwise one State per
+            filter, each Variable going to the first filter it matches. A
+            Variable matched by no filter is an error; end with ``...`` to
+            catch the rest.
+
+    Returns:
+        ``(graphdef, state)`` or ``(graphdef, state_1, ..., state_n)``.
+
+    Example:
+        >>> import toylib as tl
+        >>> from toylib import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2, rngs=0), nn.BatchNorm(2))
+        >>> graphdef, params, stats = tl.split(model, tl.Param, tl.BatchStat)
+        >>> sorted(p[-1] for p in stats.flat())
+        ['mean', 'var']
+    """
+    graphdef, leaves = _graph_leaves(node, "tl.split")
+    snapshot = [(path, _snapshot(leaf)) for path, leaf in leaves]
+    if not filters:
+        return graphdef, State.from_flat(snapshot)
+    parts = split_flat(snapshot, filters, caller="tl.split")
+    return (graphdef, *(State.from_flat(part) for part in parts))
+
+
+def state(node: Any, *filters: Any) -> State | tuple[State, ...]:
+    """A snapshot State of the Variables matching the filter(s) (all if none).
+
+    Unlike ``split``, Variables matching no filter are simply left out. With
+    several filters, returns one State per filter.
+
+    Example:
+        >>> import toylib as tl
+        >>> from toylib import nn
+        >>> params = tl.state(nn.Linear(2, 3, rngs=0), tl.Param)
+        >>> params.kernel.shape
+        (2, 3)
+    """
+    _, leaves = _graph_leaves(node, "tl.state")
+    if not filters:
+        return State.from_flat((p, _snapshot(leaf)) for p, leaf in leaves)
+    states = tuple(
+        State.from_flat((p, _snapshot(leaf)) for p, leaf in leaves if pred(p, leaf))
+        for pred in map(to_predicate, filters)
+    )
+    return states[0] if len(states) == 1 else states
+
+
+def merge(graphdef: GraphDef, *states: State) -> Any:
+    """Rebuild a model from its GraphDef and States, shared references restored.
+
+    The result is a new object graph with new Variables: it shares nothing
+    mutable with the States.
+
+    Example:
+        >>> import toylib as tl
+        >>> from toylib import nn
+        >>> graphdef, params, rest = tl.split(nn.Dropout(0.5, rngs=0), tl.Param, ...)
+        >>> type(tl.merge(graphdef, params, rest)).__name__
+        'Dropout'
+    """
+    flat: dict[Path, Any] = {}
+    for s in states:
+        if not isinstance(s, State):
+            raise TypeError(
+                f"tl.merge: expected States after the graphdef, got a {type(s).__name__}. "
+                "Fix: tl.merge(graphdef, *states) with the States from tl.split."
+            )
+        flat.update(s.flat())
+    expected = graphdef.leaf_paths
+    if len(expected) != len(flat) or not all(p in flat for p in expected):
+        raise ValueError(MERGE_MISMATCH.format(graph=repr(graphdef), details=_diff(expected, flat)))
+    return unflatten(graphdef, flat)
+
+
+def _diff(expected: tuple[Path, ...], given: dict[Path, Any]) -> str:
+    missing = [p for p in expected if p not in given]
+    unexpected = [p for p in given if p not in set(expected)]
+    lines = []
+    for label, paths in (("missing", missing), ("not in the graphdef", unexpected)):
+        if paths:
+            shown = ", ".join(format_path(p) for p in paths[:5])
+            more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
+            lines.append(f"  {label}: {shown}{more}")
+    return "\n".join(lines)
+
+
+def update(node: Any, *states: State) -> None:
+    """Write the States' values into the live Variables of ``node``, in place.
+
+    Every path in the States must exist in ``node``; if one does not, nothing
+    is written. Only values change: the model keeps its own Variable objects,
+    so other references to them see the new values.
+
+    Example:
+        >>> import jax, toylib as tl
+        >>> from toylib import nn
+        >>> model = nn.Linear(2, 3, rngs=0)
+        >>> zeros = jax.tree.map(lambda x: x * 0, tl.state(model))
+        >>> tl.update(model, zeros)
+        >>> float(abs(model.kernel.value).sum())
+        0.0
+    """
+    _, leaves = _graph_leaves(node, "tl.update")
+    live = dict(leaves)
+    writes: list[tuple[Path, Any, Any]] = []
+    for s in states:
+        for path, new in s.flat().items():
+            target = live.get(path, _ABSENT)
+            if target is _ABSENT:
+                found = "the model has no Variable or array there"
+            elif isinstance(target, Variable) and isinstance(new, Variable):
+                found = None if type(target) is type(new) else f"the model has a {type(target).__name__}"
+            else:
+                found = None
+            if found is not None:
+                what = f"a {type(new).__name__}" if isinstance(new, Variable) else "an array"
+                raise ValueError(UPDATE_MISMATCH.format(what=what, path=format_path(path), found=found))
+            writes.append((path, target, new.value if isinstance(new, Variable) else new))
+    for path, target, value in writes:
+        if isinstance(target, Variable):
+            target.value = value
+        else:
+            _set_at(node, path, value)
+
+
+_ABSENT = object()
+
+
+def _set_at(root: Any, path: Path, value: Any) -> None:
+    """Replace the bare array at ``path`` (an attribute or container item)."""
+    parent = root
+    for key in path[:-1]:
+        parent = vars(parent)[key] if isinstance(parent, Module) else parent[key]
+    key = path[-1]
+    if isinstance(parent, Module):
+        vars(parent)[key] = value
+    elif isinstance(parent, tuple):
+        raise ValueError(
+            f"tl.update: cannot replace the array at `{format_path(path)}` inside a tuple. "
+            "Fix: hold it in a Variable or a list."
+        )
+    else:
+        parent[key] = value
+
+
+def pop(node: Any, *filters: Any) -> State | tuple[State, ...]:
+    """Remove the Variables matching the filter(s) from ``node`` and return them.
+
+    Typical use: collect ``Intermediate`` values sown during a forward pass.
+    A Variable referenced from several places is removed from all of them.
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> class Probe(tl.Module):
+        ...     def __call__(self, x):
+        ...         self.seen = tl.Intermediate(x * 2)
+        ...         return x
+        >>> model = Probe()
+        >>> _ = model(jnp.ones(2))
+        >>> tl.pop(model, tl.Intermediate).seen.value.tolist(), hasattr(model, "seen")
+        ([2.0, 2.0], False)
+    """
+    if not filters:
+        raise TypeError("tl.pop needs a filter, e.g. tl.pop(model, tl.Intermediate).")
+    _, leaves = _graph_leaves(node, "tl.pop")
+    variables = [(p, v) for p, v in leaves if isinstance(v, Variable)]
+    parts = [
+        [(p, v) for p, v in variables if pred(p, v)] for pred in map(to_predicate, filters)
+    ]
+    doomed = {id(v) for part in parts for _, v in part}
+    sites = _references(node, doomed)
+    for path, container, _ in sites:
+        if isinstance(container, list | tuple):
+            kind = type(container[path[-1]]).__name__
+            raise ValueError(
+                POP_FROM_SEQUENCE.format(
+                    kind=kind, path=format_path(path), container=type(container).__name__
+                )
+            )
+    for _, container, key in sites:
+        del (vars(container) if isinstance(container, Module) else container)[key]
+    states = tuple(State.from_flat(part) for part in parts)
+    return states[0] if len(states) == 1 else states
+
+
+def _references(root: Any, ids: set[int]) -> list[tuple[Path, Any, Any]]:
+    """Every (path, container, key) where one of the Variables ``ids`` is stored."""
+    sites: list[tuple[Path, Any, Any]] = []
+
+    def scan(container: Any, path: Path) -> None:
+        items = vars(container).items() if isinstance(container, Module) else _items(container)
+        for key, value in list(items):
+            if id(value) in ids:
+                sites.append(((*path, key), container, key))
+            elif isinstance(value, list | tuple | dict):
+                scan(value, (*path, key))
+
+    if not ids:
+        return sites
+    for path, obj in iter_graph(root):
+        if isinstance(obj, Module):
+            scan(obj, path)
+    if isinstance(root, list | tuple | dict):
+        scan(root, ())
+    return sites
+
+
+def _items(container: Any) -> Any:
+    return container.items() if isinstance(container, dict) else enumerate(container)
+
+
+def clone(node: Any) -> Any:
+    """A deep copy of the graph (new Modules and Variables), sharing preserved.
+
+    Example:
+        >>> import toylib as tl
+        >>> from toylib import nn
+        >>> a = nn.Linear(2, 2, rngs=0)
+        >>> b = tl.clone(a)
+        >>> b.kernel is a.kernel, bool((b.kernel.value == a.kernel.value).all())
+        (False, True)
+    """
+    graphdef, leaves = _graph_leaves(node, "tl.clone")
+    return unflatten(graphdef, dict(leaves))
+
+
+def iter_modules(node: Any) -> Iterator[tuple[Path, Module]]:
+    """``(path, module)`` for every Module reachable from ``node`` (itself first, path ``()``).
+
+    Example:
+        >>> import toylib as tl
+        >>> from toylib import nn
+        >>> [p for p, _ in tl.iter_modules(nn.MLP([2, 4, 1], rngs=0))]
+        [(), ('layers', 0), ('layers', 1)]
+    """
+    return ((p, m) for p, m in iter_graph(node) if isinstance(m, Module))
+
+
+def iter_variables(node: Any, filter: Any = ...) -> Iterator[tuple[Path, Variable]]:
+    """``(path, variable)`` for every Variable matching ``filter`` (the live objects).
+
+    Example:
+        >>> import toylib as tl
+        >>> from toylib import nn
+        >>> [p for p, _ in tl.iter_variables(nn.Linear(2, 3, rngs=0), tl.Param)]
+        [('kernel',), ('bias',)]
+    """
+    pred = to_predicate(filter)
+    return (
+        (p, v) for p, v in iter_graph(node) if isinstance(v, Variable) and pred(p, v)
+    )
+
+
+# -- graphdef.apply ---------------------------------------------------------------------
+
+
+class _Apply:
+    """What ``graphdef.apply(*states)`` returns: call it, a method, or a submodule."""
+
+    __slots__ = ("_graphdef", "_states", "_path")
+
+    def __init__(self, graphdef: GraphDef, states: tuple, path: Path) -> None:
+        self._graphdef, self._states, self._path = graphdef, states, path
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        if _is_submodule(self._graphdef, (*self._path, name)):
+            return _Apply(self._graphdef, self._states, (*self._path, name))
+        return lambda *args, **kwargs: self._run(lambda t: getattr(t, name)(*args, **kwargs))
+
+    def __getitem__(self, key: Any) -> _Apply:
+        return _Apply(self._graphdef, self._states, (*self._path, key))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, tuple[State, GraphDef]]:
+        return self._run(lambda target: target(*args, **kwargs))
+
+    def _run(self, call: Callable[[Any], Any]) -> tuple[Any, tuple[State, GraphDef]]:
+        model = merge(self._graphdef, *self._states)
+        target = model
+        for key in self._path:
+            target = vars(target)[key] if isinstance(target, Module) else target[key]
+        out = call(target)
+        new_graphdef, new_state = split(model)
+        return out, (new_state, new_graphdef)
+
+
+def _is_submodule(graphdef: GraphDef, path: Path) -> bool:
+    """Whether ``path`` leads to a Module or container in the structure."""
+    modules: dict[int, ModuleDef] = {}
+
+    def index(p: Path, node: Any) -> None:
+        if type(node) is ModuleDef and node.index not in modules:
+            modules[node.index] = node
+            for name, skeleton in node.attributes:
+                rebuild(skeleton, (*p, name), index)
+
+    rebuild(graphdef.root, (), index)
+    node = graphdef.root
+    for key in path:
+        if type(node) is Ref:
+            node = modules[node.index]
+        if type(node) is ModuleDef:
+            node = dict(node.attributes).get(key)
+        elif type(node) is Seq and isinstance(key, int) and key < len(node.items):
+            node = node.items[key]
+        elif type(node) is Map:
+            node = dict(node.items).get(key)
+        else:
+            return False
+    return type(node) in (ModuleDef, Ref, Seq, Map)

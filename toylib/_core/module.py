@@ -1,0 +1,378 @@
+"""Module: an ordinary mutable Python object that is also a JAX pytree.
+
+Attributes come in two kinds:
+
+* *data*: arrays (jax and numpy), Variables, Modules, and list/tuple/dict
+  containers holding any of them. These are the pytree children.
+* *static*: everything else (ints, strings, functions, configs). These are the
+  pytree's auxiliary data, so they key ``jax.jit``'s cache and must be
+  hashable. A non-empty list of plain values is frozen to a tuple on
+  assignment; a dict is always a container (its plain values are static).
+
+Containers are taken apart element by element: the data elements become
+children, the plain elements stay in the structure. So
+``Sequential([Linear(...), jax.nn.relu, Linear(...)])`` works under
+``jax.grad`` with ``relu`` kept static.
+
+Every subclass is registered as a pytree when it is defined. The children are
+the data attributes in the order they were first assigned. Raw ``jax``
+transforms see a *tree*: a Module reachable twice is flattened twice. toylib's
+own functions (``tl.split``, ``tl.jit``...) see the *graph*, see ``graph.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.tree_util import GetAttrKey
+
+from toylib._core.variables import Variable, describe_value
+
+__all__ = ["Module", "format_path", "iter_graph"]
+
+Path = tuple[Any, ...]
+
+ARRAY_IN_STATIC = """\
+{where}: found {what} at `{inner}` inside a {kind}, which toylib treats as a
+static value (part of the pytree structure). It would be baked into compiled
+programs as a constant and never trained or updated.
+Fix: store arrays directly on a Module, in a Variable, or in a list/tuple/dict:
+
+    self.{name} = tl.Param(array)          # or a list/dict of arrays
+"""
+
+UNHASHABLE_STATIC = """\
+{where}: static attributes must be hashable because they key jax.jit's cache,
+but got a {kind} ({value}).
+Fix: use a hashable value instead, e.g. a tuple, a frozenset or a frozen
+dataclass:
+
+    self.{name} = tuple(...)
+"""
+
+
+def is_array(x: Any) -> bool:
+    """Whether ``x`` is a jax or numeric numpy array (a data leaf)."""
+    return isinstance(x, jax.Array) or (isinstance(x, np.ndarray) and x.dtype != object)
+
+
+def is_node(x: Any) -> bool:
+    """Whether ``x`` is data on its own: an array, a Variable or a Module."""
+    return isinstance(x, Module | Variable) or is_array(x)
+
+
+def format_path(path: Path, root: str = "model") -> str:
+    """Render a path tuple as ``model.layers[0].kernel``."""
+    out = root
+    for key in path:
+        if isinstance(key, str) and key.isidentifier():
+            out += "." + key
+        else:
+            out += f"[{key!r}]"
+    return out
+
+
+# -- container skeletons ----------------------------------------------------------
+# A data attribute is described by a hashable skeleton: Static for a plain
+# value, Seq/Map for containers, and whatever `visit` returns for a node
+# (an array, Variable or Module). Both the pytree view and the graph view
+# use this one walker, so they always agree on what is data.
+
+
+class Static(NamedTuple):
+    value: Any
+
+
+class Seq(NamedTuple):
+    type: type
+    items: tuple
+
+
+class Map(NamedTuple):
+    type: type
+    items: tuple  # ((key, skeleton), ...)
+
+
+def walk(value: Any, path: Path, visit: Callable[[Path, Any], Any]) -> Any:
+    """Describe ``value`` as a skeleton, calling ``visit(path, node)`` on each node."""
+    if is_node(value):
+        return visit(path, value)
+    if isinstance(value, list | tuple):
+        items = tuple(walk(v, (*path, i), visit) for i, v in enumerate(value))
+        if not isinstance(value, list) and all(type(s) is Static for s in items):
+            return Static(value)
+        return Seq(type(value), items)
+    if isinstance(value, dict):
+        return Map(type(value), tuple((k, walk(v, (*path, k), visit)) for k, v in value.items()))
+    return Static(value)
+
+
+def rebuild(skeleton: Any, path: Path, build: Callable[[Path, Any], Any]) -> Any:
+    """Inverse of ``walk``: ``build(path, item)`` makes each node back."""
+    kind = type(skeleton)
+    if kind is Static:
+        return skeleton.value
+    if kind is Seq:
+        items = [rebuild(s, (*path, i), build) for i, s in enumerate(skeleton.items)]
+        if hasattr(skeleton.type, "_fields"):  # a NamedTuple
+            return skeleton.type(*items)
+        return skeleton.type(items)
+    if kind is Map:
+        return skeleton.type((k, rebuild(s, (*path, k), build)) for k, s in skeleton.items)
+    return build(path, skeleton)
+
+
+def iter_graph(root: Any) -> Iterator[tuple[Path, Module | Variable]]:
+    """Every Module and Variable reachable from ``root``, once each, depth first.
+
+    A node reachable along several paths is reported at the first one;
+    reference cycles are followed once. The list is taken before iteration
+    starts, so the loop body may change the model.
+    """
+    found: list[tuple[Path, Any]] = []
+    seen: set[int] = set()
+
+    def visit(path: Path, node: Any) -> None:
+        if id(node) in seen or is_array(node):
+            return
+        seen.add(id(node))
+        found.append((path, node))
+        if isinstance(node, Module):
+            for name, value in list(vars(node).items()):
+                walk(value, (*path, name), visit)
+
+    walk(root, (), visit)
+    return iter(found)
+
+
+# -- assignment checks -----------------------------------------------------------
+
+
+def _hidden_state(value: Any, depth: int, seen: set[int]) -> tuple[str, str] | None:
+    """Find an array, Variable or Module inside a plain object: (inner path, what)."""
+    if is_node(value):
+        return "", type(value).__name__ if not is_array(value) else "an array"
+    if depth > 3 or id(value) in seen:
+        return None
+    if isinstance(value, str | bytes | int | float | complex | type | types.ModuleType):
+        return None
+    seen.add(id(value))
+    if isinstance(value, list | tuple | set | frozenset):
+        children = enumerate(value)
+        fmt = "[{}]"
+    elif isinstance(value, dict):
+        children = value.items()
+        fmt = "[{!r}]"
+    elif isinstance(value, functools.partial):
+        children = [*enumerate(value.args), *value.keywords.items()]
+        fmt = "({!r})"
+    elif isinstance(getattr(value, "__dict__", None), dict):
+        children = vars(value).items()
+        fmt = ".{}"
+    else:
+        return None
+    for key, item in children:
+        found = _hidden_state(item, depth + 1, seen)
+        if found is not None:
+            return fmt.format(key) + found[0], found[1]
+    return None
+
+
+def _normalize(value: Any, where: str, name: str) -> tuple[Any, bool]:
+    """Check an assigned value; freeze plain lists. Returns (value, is_container)."""
+    if is_node(value):
+        return value, True
+    if isinstance(value, list | tuple | dict):
+        pairs = list(items_of(value))
+        normal = [(k, *_normalize(v, f"{where}[{k!r}]", name)) for k, v in pairs]
+        changed = any(new is not old for (_, new, _), (_, old) in zip(normal, pairs, strict=True))
+        if isinstance(value, dict):  # always a container; plain values stay static
+            return (type(value)((k, v) for k, v, _ in normal) if changed else value), True
+        values = [v for _, v, _ in normal]
+        dynamic = any(flag for *_, flag in normal)
+        if isinstance(value, list):
+            if value and not dynamic:  # a list of plain values is frozen (hashable)
+                return tuple(values), False
+            return (type(value)(values) if changed else value), True
+        if changed:
+            value = type(value)(*values) if hasattr(value, "_fields") else type(value)(values)
+        return value, dynamic
+    hidden = _hidden_state(value, 0, set())
+    if hidden is not None:
+        raise TypeError(
+            ARRAY_IN_STATIC.format(
+                where=where,
+                what=hidden[1],
+                inner=f"{where}{hidden[0]}",
+                kind=type(value).__name__,
+                name=name,
+            )
+        )
+    try:
+        hash(value)
+    except TypeError:
+        text = repr(value)
+        text = text if len(text) < 60 else text[:57] + "..."
+        raise TypeError(
+            UNHASHABLE_STATIC.format(where=where, kind=type(value).__name__, value=text, name=name)
+        ) from None
+    return value, False
+
+
+def items_of(container: Any) -> Any:
+    return container.items() if isinstance(container, dict) else enumerate(container)
+
+
+_MISSING = object()
+
+
+class Module:
+    """Base class of models: assign attributes in ``__init__``, define ``__call__``.
+
+    A Module is an ordinary mutable object (``model.layers[0] = other``
+    works) and a pytree, so ``jax.jit``, ``jax.grad``, ``jax.tree.map`` and
+    optax accept it directly.
+
+    Assigning a non-Variable to an attribute that holds a Variable sets the
+    Variable's value (``self.count += 1``); assign a Variable to replace it.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, toylib as tl
+        >>> class Scale(tl.Module):
+        ...     def __init__(self, n):
+        ...         self.w = tl.Param(jnp.ones(n))
+        ...         self.calls = tl.Variable(jnp.array(0))
+        ...         self.n = n                      # static
+        ...     def __call__(self, x):
+        ...         self.calls += 1
+        ...         return x * self.w
+        >>> m = Scale(3)
+        >>> m(jnp.ones(3)).tolist(), int(m.calls.value)
+        ([1.0, 1.0, 1.0], 1)
+        >>> grads = jax.grad(lambda m: m(jnp.ones(3)).sum())(m)
+        >>> type(grads).__name__, grads.w.value.tolist()
+        ('Scale', [1.0, 1.0, 1.0])
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _register(cls)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        current = vars(self).get(name, _MISSING)
+        if isinstance(current, Variable) and not isinstance(value, Variable):
+            current.value = value
+            return
+        if hasattr(getattr(type(self), name, None), "__set__"):  # property etc.
+            object.__setattr__(self, name, value)
+            return
+        value, _ = _normalize(value, f"{type(self).__name__}.{name}", name)
+        vars(self)[name] = value
+
+    def train(self) -> Module:
+        """Training mode: ``deterministic=False``, ``use_running_average=False``.
+
+        Sets these flags on every submodule that has them (like PyTorch's
+        ``model.train()``) and returns ``self``.
+        """
+        return self._set_flags(deterministic=False, use_running_average=False)
+
+    def eval(self) -> Module:
+        """Evaluation mode: ``deterministic=True``, ``use_running_average=True``."""
+        return self._set_flags(deterministic=True, use_running_average=True)
+
+    def _set_flags(self, **flags: Any) -> Module:
+        for _, node in iter_graph(self):
+            if isinstance(node, Module):
+                for flag, value in flags.items():
+                    if flag in vars(node):
+                        setattr(node, flag, value)
+        return self
+
+    def __repr__(self) -> str:
+        return _repr(self, 0, {}, ())
+
+
+# -- repr -------------------------------------------------------------------------
+
+
+def _ignore(path: Path, node: Any) -> None:
+    return None
+
+
+def _repr(value: Any, depth: int, seen: dict[int, Path], path: Path) -> str:
+    if isinstance(value, Module | Variable):
+        if id(value) in seen:
+            return f"{type(value).__name__}(...)  # shared: {format_path(seen[id(value)])}"
+        seen[id(value)] = path
+        if isinstance(value, Variable):
+            return repr(value)
+        items = list(vars(value).items())
+        opening, closing = f"{type(value).__name__}(", ")"
+        fmt = "{}={}"
+    elif is_array(value):
+        return describe_value(value)
+    elif isinstance(value, list | tuple | dict) and type(walk(value, (), _ignore)) is not Static:
+        items = list(items_of(value))
+        opening, closing = {list: ("[", "]"), dict: ("{", "}")}.get(type(value), ("(", ")"))
+        fmt = "{!r}: {}" if isinstance(value, dict) else "{1}"
+        if isinstance(value, tuple) and not hasattr(value, "_fields"):
+            closing = ",)" if len(items) == 1 else ")"
+    else:
+        return repr(value)
+    if not items:
+        return opening + closing
+    pad = "  " * (depth + 1)
+    lines = [pad + fmt.format(k, _repr(v, depth + 1, seen, (*path, k))) + "," for k, v in items]
+    return "\n".join([opening, *lines, "  " * depth + closing])
+
+
+# -- pytree registration ------------------------------------------------------------
+
+
+class _Hole(NamedTuple):
+    """Marks where a child goes in a Module's pytree skeleton."""
+
+
+HOLE = _Hole()
+
+
+def _flatten(module: Module) -> tuple[list[Any], tuple]:
+    children: list[Any] = []
+
+    def visit(path: Path, node: Any) -> _Hole:
+        children.append(node)
+        return HOLE
+
+    return children, tuple((name, walk(v, (name,), visit)) for name, v in vars(module).items())
+
+
+def _flatten_with_keys(module: Module) -> tuple[list[tuple[Any, Any]], tuple]:
+    children: list[tuple[Any, Any]] = []
+
+    def visit(path: Path, node: Any) -> _Hole:
+        children.append((GetAttrKey(format_path(path, root="")[1:]), node))
+        return HOLE
+
+    return children, tuple((name, walk(v, (name,), visit)) for name, v in vars(module).items())
+
+
+def _register(cls: type) -> None:
+    def unflatten(layout: tuple, children: Any) -> Module:
+        # No checks and no __init__: jax rebuilds with tracers, None or sentinels.
+        module = object.__new__(cls)
+        take = iter(children).__next__
+        attributes = vars(module)
+        for name, skeleton in layout:
+            attributes[name] = rebuild(skeleton, (), lambda path, hole: take())
+        return module
+
+    jax.tree_util.register_pytree_with_keys(cls, _flatten_with_keys, unflatten, _flatten)
+
+
+_register(Module)

@@ -1,0 +1,334 @@
+"""Variables: small mutable boxes that hold a model's state.
+
+The type of a Variable is its collection: ``Param`` for trainable weights,
+``BatchStat`` for running statistics, ``Cache`` for decoding caches,
+``Intermediate`` for captured activations and ``RngState`` for random-number
+streams. Filters select state by these types, and users add their own by
+subclassing.
+
+A Variable acts like the array it holds in arithmetic, indexing, comparisons
+and ``jax.numpy`` functions, so layer code reads ``x @ self.kernel``. Reading
+``v.value`` (or ``v[...]``) gives the array, assigning it changes the array in
+place: every Module that refers to this Variable sees the change.
+
+A Variable is also a pytree node with the value as its one child and its type
+and metadata as static data, so raw ``jax`` transforms see straight through
+it. Metadata (for instance the logical sharding names ``sharding=('embed',
+'mlp')``) is kept by ``split``/``merge`` and by ``jax.tree.map``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.tree_util import GetAttrKey
+
+__all__ = [
+    "BatchStat",
+    "Cache",
+    "Intermediate",
+    "Param",
+    "RngState",
+    "Variable",
+]
+
+UNHASHABLE_METADATA = """\
+{cls}(..., {name}={value!r}): Variable metadata must be hashable, because it is
+part of the pytree structure that keys jax.jit's cache. Got a {kind}.
+Fix: pass a hashable value, e.g. a tuple instead of a list:
+
+    tl.Param(w, {name}=tuple(...))
+"""
+
+
+_KEEP = object()
+
+
+def _unwrap(x: Any) -> Any:
+    return x._value if isinstance(x, Variable) else x
+
+
+class Variable:
+    """A mutable box holding one array (or any value) and hashable metadata.
+
+    Arguments:
+        value: the array (or pytree) held.
+        **metadata: hashable annotations kept alongside the value, e.g.
+            ``sharding=('embed', 'mlp')``. Read them as attributes.
+
+    Returns:
+        A Variable; subclasses (``Param``, ``BatchStat``...) name the collection.
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> count = tl.Variable(jnp.array(0))
+        >>> count += 1              # updates count.value in place
+        >>> int(count.value)
+        1
+        >>> w = tl.Param(jnp.ones((2, 3)), sharding=("embed", "mlp"))
+        >>> (w.shape, w.sharding)
+        ((2, 3), ('embed', 'mlp'))
+    """
+
+    __slots__ = ("_value", "_metadata", "__weakref__")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _register(cls)
+
+    def __init__(self, value: Any, **metadata: Any) -> None:
+        for name, item in metadata.items():
+            try:
+                hash(item)
+            except TypeError:
+                raise TypeError(
+                    UNHASHABLE_METADATA.format(
+                        cls=type(self).__name__, name=name, value=item, kind=type(item).__name__
+                    )
+                ) from None
+        object.__setattr__(self, "_value", _unwrap(value))
+        object.__setattr__(self, "_metadata", metadata)
+
+    # -- value and metadata ------------------------------------------------
+
+    @property
+    def value(self) -> Any:
+        """The held value; assigning it updates the Variable in place."""
+        return self._value
+
+    @value.setter
+    def value(self, new: Any) -> None:
+        object.__setattr__(self, "_value", _unwrap(new))
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """A copy of the metadata as a dict."""
+        return dict(self._metadata)
+
+    def replace(self, value: Any = _KEEP, **metadata: Any) -> Variable:
+        """A new Variable of the same type; the value and metadata given override.
+
+        Example:
+            >>> import jax.numpy as jnp, toylib as tl
+            >>> tl.Param(jnp.zeros(2), tag="a").replace(jnp.ones(2)).tag
+            'a'
+        """
+        new_value = self._value if value is _KEEP else _unwrap(value)
+        return new_variable(type(self), new_value, {**self._metadata, **metadata})
+
+    def copy(self) -> Variable:
+        """A new Variable of the same type, value and metadata."""
+        return self.replace()
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: metadata first, then the
+        # value's own attributes (shape, dtype, T, sum, ...).
+        if name.startswith("__"):
+            raise AttributeError(name)
+        metadata = object.__getattribute__(self, "_metadata")
+        if name in metadata:
+            return metadata[name]
+        return getattr(object.__getattribute__(self, "_value"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "value":
+            object.__setattr__(self, "_value", _unwrap(value))
+        elif name in Variable.__slots__:  # copy/pickle restore slots this way
+            object.__setattr__(self, name, value)
+        elif name in self._metadata:
+            hash(value)
+            self._metadata[name] = value
+        else:
+            raise AttributeError(
+                f"{type(self).__name__} has no attribute {name!r}: set the value with "
+                f"`v.value = ...` and add metadata with `v.replace(..., {name}=...)`."
+            )
+
+    # -- array protocol ------------------------------------------------------
+
+    def __jax_array__(self) -> Any:
+        return self._value
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.asarray(self._value, dtype=dtype)
+
+    def __getitem__(self, index: Any) -> Any:
+        if index is Ellipsis:
+            return self._value
+        return self._value[index]
+
+    def __setitem__(self, index: Any, new: Any) -> None:
+        if index is Ellipsis:
+            self.value = new
+        elif isinstance(self._value, np.ndarray):
+            updated = self._value.copy()
+            updated[index] = _unwrap(new)
+            self.value = updated
+        else:
+            self.value = self._value.at[index].set(_unwrap(new))
+
+    def __len__(self) -> int:
+        return len(self._value)
+
+    def __iter__(self):
+        return iter(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __int__(self) -> int:
+        return int(self._value)
+
+    def __float__(self) -> float:
+        return float(self._value)
+
+    def __index__(self) -> int:
+        return operator.index(self._value)
+
+    def __complex__(self) -> complex:
+        return complex(self._value)
+
+    # Comparisons forward to the value (elementwise, like arrays), so a
+    # Variable is hashed by identity, as Modules are.
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        parts = [describe_value(self._value)]
+        parts += [f"{k}={v!r}" for k, v in self._metadata.items()]
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def describe_value(value: Any) -> str:
+    """A compact description of an array: ``float32[3, 4]``, small ones with values."""
+    if isinstance(value, jax.core.Tracer):
+        return f"{value.aval.str_short()} (traced)"
+    if isinstance(value, jax.Array | np.ndarray):
+        dtype = getattr(value.dtype, "name", str(value.dtype))
+        shape = ", ".join(map(str, value.shape))
+        text = f"{dtype}[{shape}]"
+        if value.size == 1 and not jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            text += f" = {np.asarray(value).item()!r}"
+        return text
+    return repr(value)
+
+
+def _binary(op: Callable) -> Callable:
+    def forward(self: Variable, other: Any) -> Any:
+        return op(self._value, _unwrap(other))
+
+    return forward
+
+
+def _reflected(op: Callable) -> Callable:
+    def forward(self: Variable, other: Any) -> Any:
+        return op(_unwrap(other), self._value)
+
+    return forward
+
+
+def _inplace(op: Callable) -> Callable:
+    def update(self: Variable, other: Any) -> Variable:
+        self.value = op(self._value, _unwrap(other))
+        return self
+
+    return update
+
+
+def _unary(op: Callable) -> Callable:
+    def forward(self: Variable) -> Any:
+        return op(self._value)
+
+    return forward
+
+
+_BINARY = {
+    "add": operator.add,
+    "sub": operator.sub,
+    "mul": operator.mul,
+    "matmul": operator.matmul,
+    "truediv": operator.truediv,
+    "floordiv": operator.floordiv,
+    "mod": operator.mod,
+    "pow": operator.pow,
+    "and": operator.and_,
+    "or": operator.or_,
+    "xor": operator.xor,
+    "lshift": operator.lshift,
+    "rshift": operator.rshift,
+}
+for _name, _op in _BINARY.items():
+    setattr(Variable, f"__{_name}__", _binary(_op))
+    setattr(Variable, f"__r{_name}__", _reflected(_op))
+    setattr(Variable, f"__i{_name}__", _inplace(_op))
+for _name in ("lt", "le", "eq", "ne", "gt", "ge"):
+    setattr(Variable, f"__{_name}__", _binary(getattr(operator, _name)))
+for _name, _op in {"neg": operator.neg, "pos": operator.pos, "abs": abs, "invert": operator.invert}.items():
+    setattr(Variable, f"__{_name}__", _unary(_op))
+setattr(Variable, "__divmod__", _binary(divmod))
+setattr(Variable, "__rdivmod__", _reflected(divmod))
+
+
+# -- pytree registration --------------------------------------------------------
+
+_VALUE_KEY = (GetAttrKey("value"),)
+
+
+def _flatten(v: Variable) -> tuple[tuple[Any], tuple]:
+    return (v._value,), tuple(v._metadata.items())
+
+
+def _flatten_with_keys(v: Variable) -> tuple[tuple[tuple[Any, Any]], tuple]:
+    return ((_VALUE_KEY[0], v._value),), tuple(v._metadata.items())
+
+
+def new_variable(cls: type[Variable], value: Any, metadata: Any) -> Variable:
+    """Make a ``cls`` holding ``value`` without checks (metadata already validated)."""
+    new = object.__new__(cls)
+    object.__setattr__(new, "_value", value)
+    object.__setattr__(new, "_metadata", dict(metadata))
+    return new
+
+
+def _register(cls: type) -> None:
+    def unflatten(metadata: tuple, children: Any) -> Variable:
+        # No checks here: jax rebuilds nodes with tracers, None or sentinels.
+        return new_variable(cls, children[0], metadata)
+
+    jax.tree_util.register_pytree_with_keys(cls, _flatten_with_keys, unflatten, _flatten)
+
+
+_register(Variable)
+
+
+class Param(Variable):
+    """A trainable parameter: the default ``wrt`` of gradients and optimisers."""
+
+    __slots__ = ()
+
+
+class BatchStat(Variable):
+    """A running statistic (BatchNorm's mean and variance): updated, not trained."""
+
+    __slots__ = ()
+
+
+class Cache(Variable):
+    """A decoding cache (attention keys and values)."""
+
+    __slots__ = ()
+
+
+class Intermediate(Variable):
+    """A captured activation, typically removed afterwards with ``tl.pop``."""
+
+    __slots__ = ()
+
+
+class RngState(Variable):
+    """The key or counter of a random-number stream (see ``tl.Rngs``)."""
+
+    __slots__ = ()

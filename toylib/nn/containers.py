@@ -1,0 +1,110 @@
+"""Containers: Sequential (a chain of callables) and MLP (a stack of Linear layers)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Float
+
+from toylib._core.module import Module
+from toylib._core.rngs import Rngs, as_rngs
+from toylib.nn.linear import Linear
+
+__all__ = ["MLP", "Sequential"]
+
+
+class Sequential(Module):
+    """Apply layers in order: ``Sequential(a, b, c)(x) == c(b(a(x)))``.
+
+    Layers may be Modules or plain functions (``jax.nn.relu``); functions are
+    static. Index, iterate and assign into it like a list.
+
+    Arguments:
+        *layers: the callables, applied first to last.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from toylib import nn
+        >>> model = nn.Sequential(nn.Linear(2, 8, rngs=0), jax.nn.relu, nn.Linear(8, 1, rngs=1))
+        >>> model(jnp.ones((5, 2))).shape
+        (5, 1)
+        >>> model[0] = nn.Linear(2, 8, rngs=2)       # surgery is plain assignment
+    """
+
+    def __init__(self, *layers: Callable) -> None:
+        self.layers = list(layers)
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """Apply each layer; extra arguments go to the first layer only."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, *args, **kwargs) if i == 0 else layer(x)
+        return x
+
+    def __getitem__(self, index: int) -> Callable:
+        return self.layers[index]
+
+    def __setitem__(self, index: int, layer: Callable) -> None:
+        self.layers[index] = layer
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[Callable]:
+        return iter(self.layers)
+
+
+class MLP(Module):
+    """A multi-layer perceptron: Linear layers with an activation between them.
+
+    Arguments:
+        features: sizes from input to output, e.g. ``[784, 128, 10]`` makes
+            two Linear layers (784->128, 128->10).
+        activation: applied after every layer but the last (default relu).
+        final_activation: applied after the last layer (default none).
+        use_bias, dtype, param_dtype: passed to every Linear.
+        rngs: ``tl.Rngs``, an int seed or a key.
+
+    Returns:
+        A Module mapping ``(*batch, features[0])`` to ``(*batch, features[-1])``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from toylib import nn
+        >>> mlp = nn.MLP([4, 32, 32, 2], rngs=0)
+        >>> mlp(jnp.ones((8, 4))).shape, len(mlp.layers)
+        ((8, 2), 3)
+    """
+
+    def __init__(
+        self,
+        features: Sequence[int],
+        *,
+        activation: Callable = jax.nn.relu,
+        final_activation: Callable | None = None,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: Rngs | int | jax.Array,
+    ) -> None:
+        if len(features) < 2:
+            raise ValueError(
+                f"MLP(features={list(features)}): give at least an input and an output size, "
+                "e.g. MLP([in_features, hidden, out_features])."
+            )
+        rngs = as_rngs(rngs, "MLP(rngs=...)")
+        self.layers = [
+            Linear(a, b, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            for a, b in zip(features[:-1], features[1:], strict=True)
+        ]
+        self.activation = activation
+        self.final_activation = final_activation
+
+    def __call__(self, x: Float[ArrayLike, "*batch din"]) -> Float[Array, "*batch dout"]:
+        *hidden, last = self.layers
+        for layer in hidden:
+            x = self.activation(layer(x))
+        x = last(x)
+        return x if self.final_activation is None else self.final_activation(x)

@@ -32,7 +32,9 @@ def make_data(n: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def make_model(hidden: int = 32, seed: int = 0) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(1, hidden, rngs=seed), jnp.tanh, nn.Linear(hidden, 1, rngs=seed + 1))
+    return nn.Sequential(
+        nn.Linear(1, hidden, rngs=seed), jnp.tanh, nn.Linear(hidden, 1, rngs=seed + 1)
+    )
 
 
 def main(epochs: int = 2000, every: int = 200, lr: float = 0.1, verbose: bool = True) -> dict:

@@ -20,7 +20,7 @@ from toylib._core.graph import (
     update,
 )
 from toylib._core.module import Module
-from toylib._core.rngs import RngStream, Rngs
+from toylib._core.rngs import Rngs, RngStream
 from toylib._core.state import State
 from toylib._core.variables import (
     BatchStat,

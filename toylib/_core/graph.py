@@ -118,7 +118,7 @@ class GraphDef:
     ``.apply(*states).submodule(x)`` call a method or a submodule instead.
     """
 
-    __slots__ = ("root", "_hash", "_paths")
+    __slots__ = ("_hash", "_paths", "root")
 
     def __init__(self, root: Any) -> None:
         self.root = root
@@ -342,12 +342,18 @@ def update(node: Any, *states: State) -> None:
             if target is _ABSENT:
                 found = "the model has no Variable or array there"
             elif isinstance(target, Variable) and isinstance(new, Variable):
-                found = None if type(target) is type(new) else f"the model has a {type(target).__name__}"
+                found = (
+                    None
+                    if type(target) is type(new)
+                    else f"the model has a {type(target).__name__}"
+                )
             else:
                 found = None
             if found is not None:
                 what = f"a {type(new).__name__}" if isinstance(new, Variable) else "an array"
-                raise ValueError(UPDATE_MISMATCH.format(what=what, path=format_path(path), found=found))
+                raise ValueError(
+                    UPDATE_MISMATCH.format(what=what, path=format_path(path), found=found)
+                )
             writes.append((path, target, new.value if isinstance(new, Variable) else new))
     for path, target, value in writes:
         if isinstance(target, Variable):
@@ -397,9 +403,7 @@ def pop(node: Any, *filters: Any) -> State | tuple[State, ...]:
         raise TypeError("tl.pop needs a filter, e.g. tl.pop(model, tl.Intermediate).")
     _, leaves = _graph_leaves(node, "tl.pop")
     variables = [(p, v) for p, v in leaves if isinstance(v, Variable)]
-    parts = [
-        [(p, v) for p, v in variables if pred(p, v)] for pred in map(to_predicate, filters)
-    ]
+    parts = [[(p, v) for p, v in variables if pred(p, v)] for pred in map(to_predicate, filters)]
     doomed = {id(v) for part in parts for _, v in part}
     sites = _references(node, doomed)
     for path, container, _ in sites:
@@ -479,9 +483,7 @@ def iter_variables(node: Any, filter: Any = ...) -> Iterator[tuple[Path, Variabl
         [('kernel',), ('bias',)]
     """
     pred = to_predicate(filter)
-    return (
-        (p, v) for p, v in iter_graph(node) if isinstance(v, Variable) and pred(p, v)
-    )
+    return ((p, v) for p, v in iter_graph(node) if isinstance(v, Variable) and pred(p, v))
 
 
 # -- graphdef.apply ---------------------------------------------------------------------
@@ -490,7 +492,7 @@ def iter_variables(node: Any, filter: Any = ...) -> Iterator[tuple[Path, Variabl
 class _Apply:
     """What ``graphdef.apply(*states)`` returns: call it, a method, or a submodule."""
 
-    __slots__ = ("_graphdef", "_states", "_path")
+    __slots__ = ("_graphdef", "_path", "_states")
 
     def __init__(self, graphdef: GraphDef, states: tuple, path: Path) -> None:
         self._graphdef, self._states, self._path = graphdef, states, path

@@ -246,14 +246,13 @@ class Module:
         >>> class Scale(tl.Module):
         ...     def __init__(self, n):
         ...         self.w = tl.Param(jnp.ones(n))
-        ...         self.calls = tl.Variable(jnp.array(0))
         ...         self.n = n                      # static
         ...     def __call__(self, x):
-        ...         self.calls += 1
         ...         return x * self.w
         >>> m = Scale(3)
-        >>> m(jnp.ones(3)).tolist(), int(m.calls.value)
-        ([1.0, 1.0, 1.0], 1)
+        >>> m(jnp.full(3, 2.0)).tolist()
+        [2.0, 2.0, 2.0]
+        >>> m.w = jnp.zeros(3)                      # sets m.w.value
         >>> grads = jax.grad(lambda m: m(jnp.ones(3)).sum())(m)
         >>> type(grads).__name__, grads.w.value.tolist()
         ('Scale', [1.0, 1.0, 1.0])
@@ -323,6 +322,8 @@ def _repr(value: Any, depth: int, seen: dict[int, Path], path: Path) -> str:
         fmt = "{!r}: {}" if isinstance(value, dict) else "{1}"
         if isinstance(value, tuple) and not hasattr(value, "_fields"):
             closing = ",)" if len(items) == 1 else ")"
+    elif callable(value) and not isinstance(value, type) and hasattr(value, "__name__"):
+        return value.__name__  # functions (activations) by name, not by address
     else:
         return repr(value)
     if not items:

@@ -9,7 +9,8 @@ paths always have the same structure, however they were built.
 
 Example:
     >>> import jax.numpy as jnp, toylib as tl
-    >>> s = tl.State({"layer": {"kernel": tl.Param(jnp.ones(2)), "mean": tl.BatchStat(jnp.zeros(2))}})
+    >>> layer = {"kernel": tl.Param(jnp.ones(2)), "mean": tl.BatchStat(jnp.zeros(2))}
+    >>> s = tl.State({"layer": layer})
     >>> list(s.flat())
     [('layer', 'kernel'), ('layer', 'mean')]
     >>> params, stats = s.split(tl.Param, ...)

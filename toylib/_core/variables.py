@@ -74,7 +74,7 @@ class Variable:
         ((2, 3), ('embed', 'mlp'))
     """
 
-    __slots__ = ("_value", "_metadata", "__weakref__")
+    __slots__ = ("__weakref__", "_metadata", "_value")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -266,10 +266,15 @@ for _name, _op in _BINARY.items():
     setattr(Variable, f"__i{_name}__", _inplace(_op))
 for _name in ("lt", "le", "eq", "ne", "gt", "ge"):
     setattr(Variable, f"__{_name}__", _binary(getattr(operator, _name)))
-for _name, _op in {"neg": operator.neg, "pos": operator.pos, "abs": abs, "invert": operator.invert}.items():
+for _name, _op in {
+    "neg": operator.neg,
+    "pos": operator.pos,
+    "abs": abs,
+    "invert": operator.invert,
+}.items():
     setattr(Variable, f"__{_name}__", _unary(_op))
-setattr(Variable, "__divmod__", _binary(divmod))
-setattr(Variable, "__rdivmod__", _reflected(divmod))
+Variable.__divmod__ = _binary(divmod)  # type: ignore[attr-defined]
+Variable.__rdivmod__ = _reflected(divmod)  # type: ignore[attr-defined]
 
 
 # -- pytree registration --------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -97,7 +98,7 @@ class MLP(Module):
         rngs = as_rngs(rngs, "MLP(rngs=...)")
         self.layers = [
             Linear(a, b, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            for a, b in zip(features[:-1], features[1:], strict=True)
+            for a, b in itertools.pairwise(features)
         ]
         self.activation = activation
         self.final_activation = final_activation

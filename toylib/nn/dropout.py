@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
 from toylib._core.module import Module
-from toylib._core.rngs import RngStream, Rngs, as_key, as_rngs
+from toylib._core.rngs import Rngs, RngStream, as_key, as_rngs
 
 __all__ = ["Dropout"]
 

@@ -65,7 +65,9 @@ class Linear(Module):
     ) -> None:
         rngs = as_rngs(rngs, "Linear(rngs=...)")
         self.kernel = Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
-        self.bias = Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
+        self.bias = (
+            Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
+        )
         self.in_features = in_features
         self.out_features = out_features
         self.dtype = dtype

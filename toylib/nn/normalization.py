@@ -79,8 +79,8 @@ class BatchNorm(Module):
         self.axis_name = axis_name
 
     def __call__(
-        self, x: Float[ArrayLike, "..."], *, use_running_average: bool | None = None
-    ) -> Float[Array, "..."]:
+        self, x: Float[ArrayLike, "*shape"], *, use_running_average: bool | None = None
+    ) -> Float[Array, "*shape"]:
         x = jnp.asarray(x)
         axis = self.axis % x.ndim if x.ndim else 0
         if x.ndim == 0 or x.shape[axis] != self.num_features:
@@ -113,7 +113,9 @@ class BatchNorm(Module):
         scale = None if self.scale is None else self.scale.value
         bias = None if self.bias is None else self.bias.value
         x, mean, var, scale, bias = promote_dtype(x, mean, var, scale, bias, dtype=self.dtype)
-        y = (x - mean.reshape(feature_shape)) * jax.lax.rsqrt(var.reshape(feature_shape) + self.epsilon)
+        y = (x - mean.reshape(feature_shape)) * jax.lax.rsqrt(
+            var.reshape(feature_shape) + self.epsilon
+        )
         if scale is not None:
             y = y * scale.reshape(feature_shape)
         if bias is not None:

@@ -26,7 +26,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from toylib._core.filters import to_predicate
-from toylib._core.module import Map, Module, Seq, format_path, is_array, iter_graph, rebuild, walk
+from toylib._core.module import (
+    Map,
+    Module,
+    Seq,
+    format_path,
+    is_array,
+    items_of,
+    iter_graph,
+    rebuild,
+    walk,
+)
 from toylib._core.state import State, split_flat
 from toylib._core.variables import Variable, new_variable
 
@@ -425,7 +435,7 @@ def _references(root: Any, ids: set[int]) -> list[tuple[Path, Any, Any]]:
     sites: list[tuple[Path, Any, Any]] = []
 
     def scan(container: Any, path: Path) -> None:
-        items = vars(container).items() if isinstance(container, Module) else _items(container)
+        items = vars(container).items() if isinstance(container, Module) else items_of(container)
         for key, value in list(items):
             if id(value) in ids:
                 sites.append(((*path, key), container, key))
@@ -440,10 +450,6 @@ def _references(root: Any, ids: set[int]) -> list[tuple[Path, Any, Any]]:
     if isinstance(root, list | tuple | dict):
         scan(root, ())
     return sites
-
-
-def _items(container: Any) -> Any:
-    return container.items() if isinstance(container, dict) else enumerate(container)
 
 
 def clone(node: Any) -> Any:

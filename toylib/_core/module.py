@@ -156,7 +156,7 @@ def iter_graph(root: Any) -> Iterator[tuple[Path, Module | Variable]]:
 def _hidden_state(value: Any, depth: int, seen: set[int]) -> tuple[str, str] | None:
     """Find an array, Variable or Module inside a plain object: (inner path, what)."""
     if is_node(value):
-        return "", type(value).__name__ if not is_array(value) else "an array"
+        return "", "an array" if is_array(value) else f"a {type(value).__name__}"
     if depth > 3 or id(value) in seen:
         return None
     if isinstance(value, str | bytes | int | float | complex | type | types.ModuleType):

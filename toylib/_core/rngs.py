@@ -90,10 +90,12 @@ class RngStream(Module):
 
     def split(self, n: int) -> RngStream:
         """A new stream holding ``n`` independent keys (for vmapped init)."""
-        key = self()
-        if key.ndim != 0:
-            raise ValueError(f"RngStream.split: stream {self.tag!r} is already split {key.shape}.")
-        return RngStream(jax.random.split(key, n), tag=self.tag)
+        if self.key.value.ndim != 0:
+            raise ValueError(
+                f"RngStream.split: stream {self.tag!r} already holds keys of shape "
+                f"{self.key.value.shape}; split the unsplit Rngs instead."
+            )
+        return RngStream(jax.random.split(self(), n), tag=self.tag)
 
     def fork(self) -> RngStream:
         """A new, independent stream seeded from this one."""

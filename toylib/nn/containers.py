@@ -48,7 +48,11 @@ class Sequential(Module):
         return self.layers[index]
 
     def __setitem__(self, index: int, layer: Callable) -> None:
-        self.layers[index] = layer
+        # Rebuild rather than assign in place: a Sequential of plain functions
+        # holds them in a (static) tuple, and the new layer may be a Module.
+        layers = list(self.layers)
+        layers[index] = layer
+        self.layers = layers
 
     def __len__(self) -> int:
         return len(self.layers)

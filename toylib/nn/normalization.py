@@ -102,11 +102,13 @@ class BatchNorm(Module):
         else:
             stats = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
             mean = stats.mean(reduce)
-            mean_sq = jnp.square(stats).mean(reduce)
             if self.axis_name is not None:
-                mean, mean_sq = jax.lax.pmean((mean, mean_sq), self.axis_name)
-            # E[x^2] - E[x]^2 lets one pmean serve both moments; clip rounding.
-            var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+                mean = jax.lax.pmean(mean, self.axis_name)
+            # Two passes (mean, then mean squared deviation) stay accurate for
+            # inputs far from zero, where E[x^2] - E[x]^2 cancels badly.
+            var = jnp.square(stats - mean.reshape(feature_shape)).mean(reduce)
+            if self.axis_name is not None:
+                var = jax.lax.pmean(var, self.axis_name)
             m = self.momentum
             self.mean.value = m * self.mean.value + (1 - m) * mean
             self.var.value = m * self.var.value + (1 - m) * var

@@ -482,3 +482,33 @@ def test_update_roundtrip_on_random_graphs(root):
     tl.update(root, doubled)
     for path, variable in tl.iter_variables(root):
         np.testing.assert_array_equal(variable.value, before[path] * 2)
+
+
+def test_jax_jit_and_vmap_accept_states():
+    params = tl.state(nn.Linear(2, 2, rngs=0), tl.Param)
+    bumped = jax.jit(lambda s: jax.tree.map(lambda a: a + 1, s))(params)
+    assert isinstance(bumped, tl.State) and type(bumped.bias) is tl.Param
+    np.testing.assert_allclose(bumped.bias.value, params.bias.value + 1)
+    scaled = jax.vmap(lambda s, c: jax.tree.map(lambda a: a * c, s), in_axes=(None, 0))(
+        params, jnp.arange(3.0)
+    )
+    assert scaled.kernel.shape == (3, 2, 2)
+
+
+def test_update_of_an_array_inside_a_tuple_fails_before_writing_anything():
+    class M(tl.Module):
+        def __init__(self):
+            self.w = tl.Param(jnp.ones(2))
+            self.pair = (jnp.ones(1), jnp.ones(1))
+
+    m = M()
+    new = jax.tree.map(jnp.zeros_like, tl.state(m))
+    with pytest.raises(ValueError, match=r"model\.pair\[0\].*tuple"):
+        tl.update(m, new)
+    assert m.w.value.tolist() == [1.0, 1.0]
+
+
+def test_pop_sends_each_variable_to_the_first_matching_filter():
+    model = nn.BatchNorm(2)
+    everything, stats = tl.pop(model, ..., tl.BatchStat)
+    assert len(everything.flat()) == 4 and len(stats.flat()) == 0

@@ -345,51 +345,38 @@ def update(node: Any, *states: State) -> None:
     """
     _, leaves = _graph_leaves(node, "tl.update")
     live = dict(leaves)
-    writes: list[tuple[Path, Any, Any]] = []
+    writes: list[tuple[Any, Any, Any]] = []  # (Variable or parent container, key, value)
     for s in states:
         for path, new in s.flat().items():
             target = live.get(path, _ABSENT)
             if target is _ABSENT:
-                found = "the model has no Variable or array there"
-            elif isinstance(target, Variable) and isinstance(new, Variable):
-                found = (
-                    None
-                    if type(target) is type(new)
-                    else f"the model has a {type(target).__name__}"
-                )
-            else:
-                found = None
-            if found is not None:
-                what = f"a {type(new).__name__}" if isinstance(new, Variable) else "an array"
-                raise ValueError(
-                    UPDATE_MISMATCH.format(what=what, path=format_path(path), found=found)
-                )
-            writes.append((path, target, new.value if isinstance(new, Variable) else new))
-    for path, target, value in writes:
-        if isinstance(target, Variable):
+                _update_error(path, new, "the model has no Variable or array there")
+            value = new.value if isinstance(new, Variable) else new
+            if isinstance(target, Variable):
+                if isinstance(new, Variable) and type(new) is not type(target):
+                    _update_error(path, new, f"the model has a {type(target).__name__}")
+                writes.append((target, None, value))
+                continue
+            parent = node
+            for key in path[:-1]:
+                parent = vars(parent)[key] if isinstance(parent, Module) else parent[key]
+            if isinstance(parent, tuple):
+                _update_error(path, new, "it is inside a tuple, which cannot change in place")
+            writes.append((vars(parent) if isinstance(parent, Module) else parent, path[-1], value))
+    # Everything was checked: now write, so a bad State changes nothing.
+    for target, key, value in writes:
+        if key is None:
             target.value = value
         else:
-            _set_at(node, path, value)
+            target[key] = value
 
 
 _ABSENT = object()
 
 
-def _set_at(root: Any, path: Path, value: Any) -> None:
-    """Replace the bare array at ``path`` (an attribute or container item)."""
-    parent = root
-    for key in path[:-1]:
-        parent = vars(parent)[key] if isinstance(parent, Module) else parent[key]
-    key = path[-1]
-    if isinstance(parent, Module):
-        vars(parent)[key] = value
-    elif isinstance(parent, tuple):
-        raise ValueError(
-            f"tl.update: cannot replace the array at `{format_path(path)}` inside a tuple. "
-            "Fix: hold it in a Variable or a list."
-        )
-    else:
-        parent[key] = value
+def _update_error(path: Path, new: Any, found: str) -> None:
+    what = f"a {type(new).__name__}" if isinstance(new, Variable) else "an array"
+    raise ValueError(UPDATE_MISMATCH.format(what=what, path=format_path(path), found=found))
 
 
 def pop(node: Any, *filters: Any) -> State | tuple[State, ...]:
@@ -412,8 +399,13 @@ def pop(node: Any, *filters: Any) -> State | tuple[State, ...]:
     if not filters:
         raise TypeError("tl.pop needs a filter, e.g. tl.pop(model, tl.Intermediate).")
     _, leaves = _graph_leaves(node, "tl.pop")
-    variables = [(p, v) for p, v in leaves if isinstance(v, Variable)]
-    parts = [[(p, v) for p, v in variables if pred(p, v)] for pred in map(to_predicate, filters)]
+    predicates = [to_predicate(f) for f in filters]
+    parts: list[list[tuple[Path, Variable]]] = [[] for _ in filters]
+    for path, leaf in leaves:
+        if isinstance(leaf, Variable):  # each goes to the first filter it matches
+            match = next((i for i, pred in enumerate(predicates) if pred(path, leaf)), None)
+            if match is not None:
+                parts[match].append((path, leaf))
     doomed = {id(v) for part in parts for _, v in part}
     sites = _references(node, doomed)
     for path, container, _ in sites:

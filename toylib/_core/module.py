@@ -63,7 +63,40 @@ def is_array(x: Any) -> bool:
 
 def is_node(x: Any) -> bool:
     """Whether ``x`` is data on its own: an array, a Variable or a Module."""
-    return isinstance(x, Module | Variable) or is_array(x)
+    kind = _KINDS.get(type(x)) or _kind(type(x))
+    return kind is _NODE or (kind is _NDARRAY and x.dtype != object)
+
+
+# What a value is, decided once per type: flattening runs on every jax call
+# that takes a Module, so it must not repeat isinstance chains per attribute.
+_NODE, _NDARRAY, _LIST, _TUPLE, _DICT, _STATIC = (
+    "node",
+    "ndarray",
+    "list",
+    "tuple",
+    "dict",
+    "static",
+)
+_KINDS: dict[type, str] = {}
+
+
+def _kind(t: type) -> str:
+    kind = _KINDS.get(t)
+    if kind is None:
+        if issubclass(t, Module | Variable | jax.Array):
+            kind = _NODE
+        elif issubclass(t, np.ndarray):
+            kind = _NDARRAY  # data unless its dtype is object
+        elif issubclass(t, list):
+            kind = _LIST
+        elif issubclass(t, tuple):
+            kind = _TUPLE
+        elif issubclass(t, dict):
+            kind = _DICT
+        else:
+            kind = _STATIC
+        _KINDS[t] = kind
+    return kind
 
 
 def format_path(path: Path, root: str = "model") -> str:
@@ -100,14 +133,17 @@ class Map(NamedTuple):
 
 def walk(value: Any, path: Path, visit: Callable[[Path, Any], Any]) -> Any:
     """Describe ``value`` as a skeleton, calling ``visit(path, node)`` on each node."""
-    if is_node(value):
+    kind = _KINDS.get(type(value)) or _kind(type(value))
+    if kind is _STATIC:
+        return Static(value)
+    if kind is _NODE or (kind is _NDARRAY and value.dtype != object):
         return visit(path, value)
-    if isinstance(value, list | tuple):
+    if kind is _LIST or kind is _TUPLE:
         items = tuple(walk(v, (*path, i), visit) for i, v in enumerate(value))
-        if not isinstance(value, list) and all(type(s) is Static for s in items):
+        if kind is _TUPLE and all(type(s) is Static for s in items):
             return Static(value)
         return Seq(type(value), items)
-    if isinstance(value, dict):
+    if kind is _DICT:
         return Map(type(value), tuple((k, walk(v, (*path, k), visit)) for k, v in value.items()))
     return Static(value)
 
@@ -343,6 +379,21 @@ class _Hole(NamedTuple):
 HOLE = _Hole()
 
 
+def _layout(module: Module, visit: Callable[[Path, Any], Any]) -> tuple:
+    # `walk` for every attribute, with the two common cases (a node, a plain
+    # value) inlined: this runs on every raw jax call that takes a Module.
+    layout = []
+    for name, value in vars(module).items():
+        kind = _KINDS.get(type(value)) or _kind(type(value))
+        if kind is _NODE:
+            layout.append((name, visit((name,), value)))
+        elif kind is _STATIC:
+            layout.append((name, Static(value)))
+        else:
+            layout.append((name, walk(value, (name,), visit)))
+    return tuple(layout)
+
+
 def _flatten(module: Module) -> tuple[list[Any], tuple]:
     children: list[Any] = []
 
@@ -350,7 +401,7 @@ def _flatten(module: Module) -> tuple[list[Any], tuple]:
         children.append(node)
         return HOLE
 
-    return children, tuple((name, walk(v, (name,), visit)) for name, v in vars(module).items())
+    return children, _layout(module, visit)
 
 
 def _flatten_with_keys(module: Module) -> tuple[list[tuple[Any, Any]], tuple]:
@@ -360,7 +411,7 @@ def _flatten_with_keys(module: Module) -> tuple[list[tuple[Any, Any]], tuple]:
         children.append((GetAttrKey(format_path(path, root="")[1:]), node))
         return HOLE
 
-    return children, tuple((name, walk(v, (name,), visit)) for name, v in vars(module).items())
+    return children, _layout(module, visit)
 
 
 def _register(cls: type) -> None:
@@ -370,7 +421,13 @@ def _register(cls: type) -> None:
         take = iter(children).__next__
         attributes = vars(module)
         for name, skeleton in layout:
-            attributes[name] = rebuild(skeleton, (), lambda path, hole: take())
+            kind = type(skeleton)
+            if kind is _Hole:
+                attributes[name] = take()
+            elif kind is Static:
+                attributes[name] = skeleton.value
+            else:
+                attributes[name] = rebuild(skeleton, (), lambda path, hole: take())
         return module
 
     jax.tree_util.register_pytree_with_keys(cls, _flatten_with_keys, unflatten, _flatten)

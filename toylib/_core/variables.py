@@ -279,15 +279,15 @@ Variable.__rdivmod__ = _reflected(divmod)  # type: ignore[attr-defined]
 
 # -- pytree registration --------------------------------------------------------
 
-_VALUE_KEY = (GetAttrKey("value"),)
+_VALUE_KEY = GetAttrKey("value")
 
 
 def _flatten(v: Variable) -> tuple[tuple[Any], tuple]:
-    return (v._value,), tuple(v._metadata.items())
+    return (v._value,), tuple(v._metadata.items()) if v._metadata else ()
 
 
 def _flatten_with_keys(v: Variable) -> tuple[tuple[tuple[Any, Any]], tuple]:
-    return ((_VALUE_KEY[0], v._value),), tuple(v._metadata.items())
+    return ((_VALUE_KEY, v._value),), tuple(v._metadata.items()) if v._metadata else ()
 
 
 def new_variable(cls: type[Variable], value: Any, metadata: Any) -> Variable:

@@ -82,14 +82,7 @@ class Variable:
 
     def __init__(self, value: Any, **metadata: Any) -> None:
         for name, item in metadata.items():
-            try:
-                hash(item)
-            except TypeError:
-                raise TypeError(
-                    UNHASHABLE_METADATA.format(
-                        cls=type(self).__name__, name=name, value=item, kind=type(item).__name__
-                    )
-                ) from None
+            _check_metadata(type(self), name, item)
         object.__setattr__(self, "_value", _unwrap(value))
         object.__setattr__(self, "_metadata", metadata)
 
@@ -140,7 +133,7 @@ class Variable:
         elif name in Variable.__slots__:  # copy/pickle restore slots this way
             object.__setattr__(self, name, value)
         elif name in self._metadata:
-            hash(value)
+            _check_metadata(type(self), name, value)
             self._metadata[name] = value
         else:
             raise AttributeError(
@@ -200,6 +193,16 @@ class Variable:
         parts = [describe_value(self._value)]
         parts += [f"{k}={v!r}" for k, v in self._metadata.items()]
         return f"{type(self).__name__}({', '.join(parts)})"
+
+
+def _check_metadata(cls: type, name: str, value: Any) -> None:
+    try:
+        hash(value)
+    except TypeError:
+        text = UNHASHABLE_METADATA.format(
+            cls=cls.__name__, name=name, value=value, kind=type(value).__name__
+        )
+        raise TypeError(text) from None
 
 
 def describe_value(value: Any) -> str:

@@ -30,6 +30,7 @@ from toylib._core.module import (
     Map,
     Module,
     Seq,
+    attribute_skeletons,
     format_path,
     is_array,
     items_of,
@@ -188,8 +189,7 @@ def flatten(node: Any) -> tuple[GraphDef, list[tuple[Path, Any]]]:
         if isinstance(obj, Variable):
             leaves.append((path, obj))
             return VariableDef(type(obj), number, tuple(obj._metadata.items()))
-        attributes = tuple((name, walk(v, (*path, name), visit)) for name, v in vars(obj).items())
-        return ModuleDef(type(obj), number, attributes)
+        return ModuleDef(type(obj), number, attribute_skeletons(obj, visit, path))
 
     return GraphDef(walk(node, (), visit)), leaves
 

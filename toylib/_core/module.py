@@ -179,8 +179,7 @@ def iter_graph(root: Any) -> Iterator[tuple[Path, Module | Variable]]:
         seen.add(id(node))
         found.append((path, node))
         if isinstance(node, Module):
-            for name, value in list(vars(node).items()):
-                walk(value, (*path, name), visit)
+            attribute_skeletons(node, visit, path)
 
     walk(root, (), visit)
     return iter(found)
@@ -379,18 +378,23 @@ class _Hole(NamedTuple):
 HOLE = _Hole()
 
 
-def _layout(module: Module, visit: Callable[[Path, Any], Any]) -> tuple:
-    # `walk` for every attribute, with the two common cases (a node, a plain
-    # value) inlined: this runs on every raw jax call that takes a Module.
+def attribute_skeletons(
+    module: Module, visit: Callable[[Path, Any], Any], prefix: Path = ()
+) -> tuple:
+    """``((name, skeleton), ...)`` for a Module's attributes, paths under ``prefix``.
+
+    ``walk`` with its two common cases (a node, a plain value) inlined: this
+    runs for every Module on every raw jax call that takes one.
+    """
     layout = []
     for name, value in vars(module).items():
         kind = _KINDS.get(type(value)) or _kind(type(value))
         if kind is _NODE:
-            layout.append((name, visit((name,), value)))
+            layout.append((name, visit((*prefix, name), value)))
         elif kind is _STATIC:
             layout.append((name, Static(value)))
         else:
-            layout.append((name, walk(value, (name,), visit)))
+            layout.append((name, walk(value, (*prefix, name), visit)))
     return tuple(layout)
 
 
@@ -401,7 +405,7 @@ def _flatten(module: Module) -> tuple[list[Any], tuple]:
         children.append(node)
         return HOLE
 
-    return children, _layout(module, visit)
+    return children, attribute_skeletons(module, visit)
 
 
 def _flatten_with_keys(module: Module) -> tuple[list[tuple[Any, Any]], tuple]:
@@ -411,7 +415,7 @@ def _flatten_with_keys(module: Module) -> tuple[list[tuple[Any, Any]], tuple]:
         children.append((GetAttrKey(format_path(path, root="")[1:]), node))
         return HOLE
 
-    return children, _layout(module, visit)
+    return children, attribute_skeletons(module, visit)
 
 
 def _register(cls: type) -> None:

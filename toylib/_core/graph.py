@@ -129,12 +129,12 @@ class GraphDef:
     ``.apply(*states).submodule(x)`` call a method or a submodule instead.
     """
 
-    __slots__ = ("_hash", "_paths", "root")
+    __slots__ = ("_cache", "_hash", "root")
 
     def __init__(self, root: Any) -> None:
         self.root = root
         self._hash = hash(root)
-        self._paths: tuple[Path, ...] | None = None
+        self._cache: tuple[tuple[Path, ...], dict[int, ModuleDef]] | None = None
 
     def __eq__(self, other: object) -> bool:
         return self is other or (
@@ -147,21 +147,25 @@ class GraphDef:
     @property
     def leaf_paths(self) -> tuple[Path, ...]:
         """The paths of all Variables (and bare arrays), as ``State.flat()`` lists them."""
-        if self._paths is None:
+        return self._index()[0]
+
+    def _index(self) -> tuple[tuple[Path, ...], dict[int, ModuleDef]]:
+        """One walk over the structure: leaf paths, and ModuleDefs by node number."""
+        if self._cache is None:
             paths: list[Path] = []
-            seen: set[int] = set()
+            modules: dict[int, ModuleDef] = {}
 
             def record(path: Path, node: Any) -> None:
-                if type(node) is ModuleDef and node.index not in seen:
-                    seen.add(node.index)
+                if type(node) is ModuleDef and node.index not in modules:
+                    modules[node.index] = node
                     for name, skeleton in node.attributes:
                         rebuild(skeleton, (*path, name), record)
                 elif type(node) in (VariableDef, ArrayDef):
                     paths.append(path)
 
             rebuild(self.root, (), record)
-            self._paths = tuple(paths)
-        return self._paths
+            self._cache = (tuple(paths), modules)
+        return self._cache
 
     def apply(self, *states: State) -> _Apply:
         """A pure call: merge, call, split. See the class docstring."""
@@ -279,13 +283,8 @@ def state(node: Any, *filters: Any) -> State | tuple[State, ...]:
         (2, 3)
     """
     _, leaves = _graph_leaves(node, "tl.state")
-    if not filters:
-        return State.from_flat((p, _snapshot(leaf)) for p, leaf in leaves)
-    states = tuple(
-        State.from_flat((p, _snapshot(leaf)) for p, leaf in leaves if pred(p, leaf))
-        for pred in map(to_predicate, filters)
-    )
-    return states[0] if len(states) == 1 else states
+    snapshot = State.from_flat((p, _snapshot(leaf)) for p, leaf in leaves)
+    return snapshot.filter(*filters) if filters else snapshot
 
 
 def merge(graphdef: GraphDef, *states: State) -> Any:
@@ -399,13 +398,8 @@ def pop(node: Any, *filters: Any) -> State | tuple[State, ...]:
     if not filters:
         raise TypeError("tl.pop needs a filter, e.g. tl.pop(model, tl.Intermediate).")
     _, leaves = _graph_leaves(node, "tl.pop")
-    predicates = [to_predicate(f) for f in filters]
-    parts: list[list[tuple[Path, Variable]]] = [[] for _ in filters]
-    for path, leaf in leaves:
-        if isinstance(leaf, Variable):  # each goes to the first filter it matches
-            match = next((i for i, pred in enumerate(predicates) if pred(path, leaf)), None)
-            if match is not None:
-                parts[match].append((path, leaf))
+    variables = [(p, v) for p, v in leaves if isinstance(v, Variable)]
+    parts = split_flat(variables, filters, caller="tl.pop", strict=False)
     doomed = {id(v) for part in parts for _, v in part}
     sites = _references(node, doomed)
     for path, container, _ in sites:
@@ -520,15 +514,7 @@ class _Apply:
 
 def _is_submodule(graphdef: GraphDef, path: Path) -> bool:
     """Whether ``path`` leads to a Module or container in the structure."""
-    modules: dict[int, ModuleDef] = {}
-
-    def index(p: Path, node: Any) -> None:
-        if type(node) is ModuleDef and node.index not in modules:
-            modules[node.index] = node
-            for name, skeleton in node.attributes:
-                rebuild(skeleton, (*p, name), index)
-
-    rebuild(graphdef.root, (), index)
+    modules = graphdef._index()[1]
     node = graphdef.root
     for key in path:
         if type(node) is Ref:

@@ -156,8 +156,13 @@ def _flat_items(state: State, prefix: Path) -> Iterator[tuple[Path, Any]]:
             yield (*prefix, key), value
 
 
-def split_flat(items: Any, filters: tuple, caller: str) -> list[list[tuple[Path, Any]]]:
-    """Send each ``(path, leaf)`` to the first matching filter; error if none matches."""
+def split_flat(
+    items: Any, filters: tuple, caller: str, strict: bool = True
+) -> list[list[tuple[Path, Any]]]:
+    """Send each ``(path, leaf)`` to the first matching filter.
+
+    A leaf no filter matches is an error naming its path, or dropped if not ``strict``.
+    """
     predicates = [to_predicate(f) for f in filters]
     parts: list[list[tuple[Path, Any]]] = [[] for _ in filters]
     for path, leaf in items:
@@ -166,6 +171,8 @@ def split_flat(items: Any, filters: tuple, caller: str) -> list[list[tuple[Path,
                 part.append((path, leaf))
                 break
         else:
+            if not strict:
+                continue
             first = filters[0] if filters else "tl.Param"
             raise ValueError(
                 UNMATCHED.format(

@@ -602,7 +602,9 @@ def test_batchnorm_on_images():
 def test_batchnorm_axis_name_under_vmap():
     x = rand(0, *IMG) * 2 + 1
     bn = nn.BatchNorm(3, axis_name="b")
-    y = jax.vmap(lambda xi: bn(xi), axis_name="b")(x)
+    # Passed in (not closed over): updating a closed-over Variable inside a
+    # transform is an error (see test_transforms_errors.py).
+    y = jax.vmap(lambda bn, xi: bn(xi), in_axes=(None, 0), axis_name="b")(bn, x)
     assert y.shape == x.shape
     ref = nn.BatchNorm(3)
     want = ref(x)  # statistics over the vmapped axis and the others

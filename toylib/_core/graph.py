@@ -36,6 +36,7 @@ from toylib._core.module import (
     items_of,
     iter_graph,
     rebuild,
+    structure_changed,
     walk,
 )
 from toylib._core.state import State, split_flat
@@ -407,11 +408,14 @@ def pop(node: Any, *filters: Any) -> State | tuple[State, ...]:
             kind = type(container[path[-1]]).__name__
             raise ValueError(
                 POP_FROM_SEQUENCE.format(
-                    kind=kind, path=format_path(path), container=type(container).__name__
+                    kind=kind,
+                    path=format_path(path),
+                    container="list" if isinstance(container, list) else "tuple",
                 )
             )
     for _, container, key in sites:
         del (vars(container) if isinstance(container, Module) else container)[key]
+    structure_changed()
     states = tuple(State.from_flat(part) for part in parts)
     return states[0] if len(states) == 1 else states
 

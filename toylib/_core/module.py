@@ -33,7 +33,7 @@ from jax.tree_util import GetAttrKey
 
 from toylib._core.variables import Variable, describe_value
 
-__all__ = ["Module", "format_path", "iter_graph"]
+__all__ = ["Dict", "List", "Module", "format_path", "iter_graph"]
 
 Path = tuple[Any, ...]
 
@@ -54,6 +54,66 @@ dataclass:
 
     self.{name} = tuple(...)
 """
+
+
+# -- structure version -------------------------------------------------------------
+# Bumped by every structural change to any Module (an attribute assigned or
+# deleted, a tracked list or dict mutated). tl.jit's fast path reuses a cached
+# flattening while the version it recorded is current: one integer compare
+# instead of a walk over the object graph. Setting a Variable's value is not
+# structural and does not bump it.
+graph_version = [0]
+
+
+def structure_changed() -> None:
+    """Invalidate cached flattenings (see ``graph_version``)."""
+    graph_version[0] += 1
+
+
+class List(list):
+    """The list a Module stores for a list attribute: a list that reports mutation.
+
+    ``self.layers = [...]`` stores a ``List`` so that ``model.layers.append(x)``
+    is seen by tl.jit's structure cache. It is a ``list`` in every other way
+    and a pytree like one.
+    """
+
+    __slots__ = ()
+
+
+class Dict(dict):
+    """The dict a Module stores for a dict attribute: a dict that reports mutation."""
+
+    __slots__ = ()
+
+
+def _tracked(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def mutate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        graph_version[0] += 1
+        return method(self, *args, **kwargs)
+
+    return mutate
+
+
+for _name in (
+    "__setitem__ __delitem__ __iadd__ __imul__ append extend insert pop remove clear sort reverse"
+).split():
+    setattr(List, _name, _tracked(getattr(list, _name)))
+for _name in "__setitem__ __delitem__ __ior__ pop popitem clear update setdefault".split():
+    setattr(Dict, _name, _tracked(getattr(dict, _name)))
+jax.tree_util.register_pytree_with_keys(
+    List,
+    lambda x: ([(jax.tree_util.SequenceKey(i), v) for i, v in enumerate(x)], None),
+    lambda _, children: List(children),
+    lambda x: (list(x), None),
+)
+jax.tree_util.register_pytree_with_keys(
+    Dict,
+    lambda x: ([(jax.tree_util.DictKey(k), v) for k, v in x.items()], tuple(x)),
+    lambda keys, children: Dict(zip(keys, children, strict=True)),
+    lambda x: (list(x.values()), tuple(x)),
+)
 
 
 def is_array(x: Any) -> bool:
@@ -227,13 +287,17 @@ def _normalize(value: Any, where: str, name: str) -> tuple[Any, bool]:
         normal = [(k, *_normalize(v, f"{where}[{k!r}]", name)) for k, v in pairs]
         changed = any(new is not old for (_, new, _), (_, old) in zip(normal, pairs, strict=True))
         if isinstance(value, dict):  # always a container; plain values stay static
-            return (type(value)((k, v) for k, v, _ in normal) if changed else value), True
+            kind = Dict if type(value) is dict else type(value)
+            if changed or kind is not type(value):
+                value = kind((k, v) for k, v, _ in normal)
+            return value, True
         values = [v for _, v, _ in normal]
         dynamic = any(flag for *_, flag in normal)
         if isinstance(value, list):
             if value and not dynamic:  # a list of plain values is frozen (hashable)
                 return tuple(values), False
-            return (type(value)(values) if changed else value), True
+            kind = List if type(value) is list else type(value)
+            return (kind(values) if changed or kind is not type(value) else value), True
         if changed:
             value = type(value)(*values) if hasattr(value, "_fields") else type(value)(values)
         return value, dynamic
@@ -302,11 +366,16 @@ class Module:
         if isinstance(current, Variable) and not isinstance(value, Variable):
             current.value = value
             return
+        graph_version[0] += 1
         if hasattr(getattr(type(self), name, None), "__set__"):  # property etc.
             object.__setattr__(self, name, value)
             return
         value, _ = _normalize(value, f"{type(self).__name__}.{name}", name)
         vars(self)[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        graph_version[0] += 1
+        object.__delattr__(self, name)
 
     def train(self) -> Module:
         """Training mode: ``deterministic=False``, ``use_running_average=False``.
@@ -353,7 +422,13 @@ def _repr(value: Any, depth: int, seen: dict[int, Path], path: Path) -> str:
         return describe_value(value)
     elif isinstance(value, list | tuple | dict) and type(walk(value, (), _ignore)) is not Static:
         items = list(items_of(value))
-        opening, closing = {list: ("[", "]"), dict: ("{", "}")}.get(type(value), ("(", ")"))
+        opening, closing = (
+            ("[", "]")
+            if isinstance(value, list)
+            else ("{", "}")
+            if isinstance(value, dict)
+            else ("(", ")")
+        )
         fmt = "{!r}: {}" if isinstance(value, dict) else "{1}"
         if isinstance(value, tuple) and not hasattr(value, "_fields"):
             closing = ",)" if len(items) == 1 else ")"

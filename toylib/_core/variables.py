@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.extend.core import get_opaque_trace_state
 from jax.tree_util import GetAttrKey
 
 __all__ = [
@@ -44,6 +45,17 @@ Fix: pass a hashable value, e.g. a tuple instead of a list:
     tl.Param(w, {name}=tuple(...))
 """
 
+OUTSIDE_TRACE = """\
+{cls}: this Variable was created outside the transform that is tracing now (it
+was closed over, not passed in), so a value set here would leak a traced value
+out of the transform and the update would be lost.
+Fix: pass the Module (or Variable) as an argument of the transformed function,
+so that toylib carries the change back out:
+
+    @tl.jit
+    def step(model, x):          # not `def step(x)` using a global `model`
+        return model(x)
+"""
 
 _KEEP = object()
 
@@ -74,7 +86,9 @@ class Variable:
         ((2, 3), ('embed', 'mlp'))
     """
 
-    __slots__ = ("__weakref__", "_metadata", "_value")
+    # `_trace` is the JAX trace the Variable was created in: setting its value
+    # from inside another trace is the closed-over-mutation error (OUTSIDE_TRACE).
+    __slots__ = ("__weakref__", "_metadata", "_trace", "_value")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -85,6 +99,7 @@ class Variable:
             _check_metadata(type(self), name, item)
         object.__setattr__(self, "_value", _unwrap(value))
         object.__setattr__(self, "_metadata", metadata)
+        object.__setattr__(self, "_trace", get_opaque_trace_state())
 
     # -- value and metadata ------------------------------------------------
 
@@ -95,6 +110,8 @@ class Variable:
 
     @value.setter
     def value(self, new: Any) -> None:
+        if self._trace != get_opaque_trace_state():
+            raise RuntimeError(OUTSIDE_TRACE.format(cls=type(self).__name__))
         object.__setattr__(self, "_value", _unwrap(new))
 
     @property
@@ -129,7 +146,7 @@ class Variable:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "value":
-            object.__setattr__(self, "_value", _unwrap(value))
+            Variable.value.fset(self, value)
         elif name in Variable.__slots__:  # copy/pickle restore slots this way
             object.__setattr__(self, name, value)
         elif name in self._metadata:
@@ -184,6 +201,10 @@ class Variable:
 
     def __complex__(self) -> complex:
         return complex(self._value)
+
+    def __reduce__(self) -> tuple:
+        # Rebuilt (copy, deepcopy, pickle) in the trace where it is restored.
+        return new_variable, (type(self), self._value, self._metadata)
 
     # Comparisons forward to the value (elementwise, like arrays), so a
     # Variable is hashed by identity, as Modules are.
@@ -298,7 +319,13 @@ def new_variable(cls: type[Variable], value: Any, metadata: Any) -> Variable:
     new = object.__new__(cls)
     object.__setattr__(new, "_value", value)
     object.__setattr__(new, "_metadata", dict(metadata))
+    object.__setattr__(new, "_trace", get_opaque_trace_state())
     return new
+
+
+# Fast slot access for the transforms' hot path (no checks, no trace lookup).
+get_value = operator.attrgetter("_value")
+set_value = Variable._value.__set__  # type: ignore[attr-defined]
 
 
 def _register(cls: type) -> None:

@@ -40,7 +40,7 @@ from toylib._core.module import (
     walk,
 )
 from toylib._core.state import State, split_flat
-from toylib._core.variables import Variable, new_variable
+from toylib._core.variables import Variable, new_variable, set_value
 
 __all__ = [
     "GraphDef",
@@ -178,10 +178,15 @@ class GraphDef:
         return f"GraphDef({name}, {len(self.leaf_paths)} leaves)"
 
 
-def flatten(node: Any) -> tuple[GraphDef, list[tuple[Path, Any]]]:
-    """``(graphdef, [(path, leaf), ...])`` with the live Variables (and bare arrays)."""
+def flatten(node: Any, nodes: list[Any] | None = None) -> tuple[GraphDef, list[tuple[Path, Any]]]:
+    """``(graphdef, [(path, leaf), ...])`` with the live Variables (and bare arrays).
+
+    ``nodes``, if given, receives every Module and Variable in numbering order
+    (``nodes[i]`` is the object a ``Ref(i)`` points to).
+    """
     index: dict[int, int] = {}
     leaves: list[tuple[Path, Any]] = []
+    found = [] if nodes is None else nodes
 
     def visit(path: Path, obj: Any) -> Any:
         if is_array(obj):
@@ -191,6 +196,7 @@ def flatten(node: Any) -> tuple[GraphDef, list[tuple[Path, Any]]]:
         if seen is not None:
             return Ref(seen)
         index[id(obj)] = number = len(index)
+        found.append(obj)
         if isinstance(obj, Variable):
             leaves.append((path, obj))
             return VariableDef(type(obj), number, tuple(obj._metadata.items()))
@@ -199,9 +205,28 @@ def flatten(node: Any) -> tuple[GraphDef, list[tuple[Path, Any]]]:
     return GraphDef(walk(node, (), visit)), leaves
 
 
-def unflatten(graphdef: GraphDef, leaves: dict[Path, Any]) -> Any:
-    """Build fresh objects from ``graphdef`` and ``{path: leaf}`` (validated by the caller)."""
-    nodes: dict[int, Any] = {}
+def unflatten(
+    graphdef: GraphDef,
+    leaves: dict[Path, Any],
+    *,
+    reuse: dict[int, Any] | None = None,
+    nodes: dict[int, Any] | None = None,
+) -> Any:
+    """Build the objects of ``graphdef`` from ``{path: leaf}`` (validated by the caller).
+
+    Arguments:
+        graphdef: the structure.
+        leaves: a Variable or array for each leaf path.
+        reuse: ``{node number: live object}``: update these objects in place
+            (values, metadata, attributes) instead of making new ones. This is
+            how the transforms carry changes made inside back to the caller.
+        nodes: if given, filled with ``{node number: object}``.
+
+    Returns:
+        The rebuilt root.
+    """
+    nodes = {} if nodes is None else nodes
+    reuse = reuse or {}
 
     def build(path: Path, node: Any) -> Any:
         kind = type(node)
@@ -210,22 +235,56 @@ def unflatten(graphdef: GraphDef, leaves: dict[Path, Any]) -> Any:
         if kind is ArrayDef:
             leaf = leaves[path]
             return leaf.value if isinstance(leaf, Variable) else leaf
+        live = reuse.get(node.index)
+        if live is not None and type(live) is not node.type:
+            live = None  # replaced by an object of another type: make a new one
         if kind is VariableDef:
             leaf = leaves[path]
-            if isinstance(leaf, Variable):
-                variable = new_variable(type(leaf), leaf.value, leaf._metadata)
+            value = leaf.value if isinstance(leaf, Variable) else leaf
+            if live is None:
+                live = new_variable(node.type, value, node.metadata)
             else:
-                variable = new_variable(node.type, leaf, node.metadata)
-            nodes[node.index] = variable
-            return variable
-        module = object.__new__(node.type)
+                set_value(live, value)
+                if tuple(live._metadata.items()) != node.metadata:
+                    object.__setattr__(live, "_metadata", dict(node.metadata))
+            nodes[node.index] = live
+            return live
+        module = object.__new__(node.type) if live is None else live
         nodes[node.index] = module
-        attributes = vars(module)
-        for name, skeleton in node.attributes:
-            attributes[name] = rebuild(skeleton, (*path, name), build)
+        attributes = {name: rebuild(sk, (*path, name), build) for name, sk in node.attributes}
+        if live is None:
+            vars(module).update(attributes)
+        else:
+            _assign(module, attributes)
         return module
 
     return rebuild(graphdef.root, (), build)
+
+
+def _assign(module: Module, attributes: dict[str, Any]) -> None:
+    """Give a live Module these attributes, keeping the objects that did not change."""
+    current = vars(module)
+    changed = False
+    for name in [name for name in current if name not in attributes]:
+        del current[name]
+        changed = True
+    for name, value in attributes.items():
+        if not _same(current.get(name, _ABSENT), value):
+            current[name] = value
+            changed = True
+    if changed:
+        structure_changed()
+
+
+def _same(old: Any, new: Any) -> bool:
+    """Whether a rebuilt attribute holds exactly the objects the live one holds."""
+    if old is new:
+        return True
+    if type(old) is not type(new) or not isinstance(old, list | tuple | dict):
+        return False
+    if isinstance(old, dict):
+        return old.keys() == new.keys() and all(_same(old[k], new[k]) for k in old)
+    return len(old) == len(new) and all(_same(a, b) for a, b in zip(old, new, strict=True))
 
 
 def _graph_leaves(node: Any, caller: str) -> tuple[GraphDef, list[tuple[Path, Any]]]:

@@ -108,11 +108,22 @@ jax.tree_util.register_pytree_with_keys(
     lambda _, children: List(children),
     lambda x: (list(x), None),
 )
+
+
+def _dict_keys(d: dict) -> tuple:
+    # Sorted, as jax orders a dict's children, so a Dict and a dict with the
+    # same keys list their leaves in the same order.
+    try:
+        return tuple(sorted(d))
+    except TypeError:
+        return tuple(d)
+
+
 jax.tree_util.register_pytree_with_keys(
     Dict,
-    lambda x: ([(jax.tree_util.DictKey(k), v) for k, v in x.items()], tuple(x)),
+    lambda x: ([(jax.tree_util.DictKey(k), x[k]) for k in _dict_keys(x)], _dict_keys(x)),
     lambda keys, children: Dict(zip(keys, children, strict=True)),
-    lambda x: (list(x.values()), tuple(x)),
+    lambda x: ([x[k] for k in _dict_keys(x)], _dict_keys(x)),
 )
 
 
@@ -143,7 +154,7 @@ _KINDS: dict[type, str] = {}
 def _kind(t: type) -> str:
     kind = _KINDS.get(t)
     if kind is None:
-        if issubclass(t, Module | Variable | jax.Array):
+        if issubclass(t, Module | Variable | jax.Array | jax.core.Tracer):
             kind = _NODE
         elif issubclass(t, np.ndarray):
             kind = _NDARRAY  # data unless its dtype is object

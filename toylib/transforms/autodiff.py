@@ -1,0 +1,202 @@
+"""tl.grad and tl.value_and_grad: gradients with respect to a Module's Params."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+
+from toylib._core.filters import to_predicate
+from toylib._core.module import format_path
+from toylib._core.state import State
+from toylib._core.variables import Param, Variable
+from toylib.transforms.lifting import (
+    flatten_call,
+    flatten_result,
+    is_graph_node,
+    plain_key,
+    unflatten_call,
+    write_back,
+)
+
+__all__ = ["grad", "value_and_grad"]
+
+NOTHING_TO_DIFFERENTIATE = """\
+{caller}: the wrt filter ({wrt!r}) selects no Variable in argument(s) {argnums}, so
+there is nothing to differentiate.
+Fix: differentiate the argument that holds the Params, or widen the filter:
+
+    tl.grad(loss_fn, argnums=0, wrt=tl.Param)(model, x, y)
+"""
+
+NOT_FLOAT = """\
+{caller}: wrt selects `{path}`, a {kind} of dtype {dtype}; only floating-point
+values can be differentiated.
+Fix: narrow the filter, e.g. `wrt=tl.Param` (RngState keys and counters,
+step counts and other integer state are not trainable).
+"""
+
+BAD_AUX = """\
+{caller}(..., has_aux=True): the function must return a pair (loss, aux), got a {kind}.
+"""
+
+
+def value_and_grad(
+    fn: Callable | None = None,
+    argnums: int | Sequence[int] = 0,
+    *,
+    wrt: Any = Param,
+    has_aux: bool = False,
+) -> Any:
+    """Like ``jax.value_and_grad``, for functions of Modules.
+
+    Arguments:
+        fn: returns a scalar loss (or ``(loss, aux)`` with ``has_aux``).
+        argnums: which argument(s) to differentiate.
+        wrt: a filter: which Variables of those arguments to differentiate
+            (default ``tl.Param``). Plain array arguments are differentiated
+            whole, as ``jax.grad`` does.
+        has_aux: whether ``fn`` returns ``(loss, aux)``.
+
+    Returns:
+        A function returning ``(loss, grads)`` (``((loss, aux), grads)`` with
+        ``has_aux``). For an argument holding Modules, ``grads`` is a ``State``
+        of Variables of the same types and paths as the selected ones (a tied
+        weight appears once, its gradient summed over its uses). Other state
+        that ``fn`` updates (BatchNorm statistics, Rngs counters) is written
+        back to the arguments, as ``tl.jit`` does. A Variable reachable from
+        several arguments belongs to the first one.
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> from toylib import nn
+        >>> model = nn.Linear(2, 1, rngs=0)
+        >>> loss, grads = tl.value_and_grad(lambda m, x: m(x).sum())(model, jnp.ones((4, 2)))
+        >>> grads.kernel.value.tolist(), type(grads.kernel).__name__
+        ([[4.0], [4.0]], 'Param')
+    """
+    if fn is None:
+        return lambda f: value_and_grad(f, argnums, wrt=wrt, has_aux=has_aux)
+    return _differentiate(fn, argnums, wrt, has_aux, "tl.value_and_grad", with_value=True)
+
+
+def grad(
+    fn: Callable | None = None,
+    argnums: int | Sequence[int] = 0,
+    *,
+    wrt: Any = Param,
+    has_aux: bool = False,
+) -> Any:
+    """Like ``jax.grad``, for functions of Modules; see ``value_and_grad``.
+
+    Returns:
+        A function returning ``grads`` (``(grads, aux)`` with ``has_aux``).
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> from toylib import nn
+        >>> model = nn.Linear(3, 2, rngs=0)
+        >>> grads = tl.grad(lambda m: (m(jnp.ones(3)) ** 2).sum())(model)
+        >>> sorted(k[0] for k in grads.flat())
+        ['bias', 'kernel']
+    """
+    if fn is None:
+        return lambda f: grad(f, argnums, wrt=wrt, has_aux=has_aux)
+    return _differentiate(fn, argnums, wrt, has_aux, "tl.grad", with_value=False)
+
+
+def _differentiate(
+    fn: Callable, argnums: Any, wrt: Any, has_aux: bool, caller: str, with_value: bool
+) -> Callable:
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    predicate = to_predicate(wrt)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        flat = flatten_call(args, kwargs, caller)
+        has_nodes = {o for o, top in zip(flat.origin, flat.tops, strict=True) if is_graph_node(top)}
+        chosen: list[int] = []
+        for i, leaf in enumerate(flat.leaves):
+            arg = flat.origin[flat.paths[i][0]]
+            if arg not in nums:
+                continue
+            if arg in has_nodes:
+                if not (isinstance(leaf, Variable) and predicate(flat.arg_path(i), leaf)):
+                    continue
+                if not jax.dtypes.issubdtype(jax.typeof(flat.values[i]).dtype, jax.numpy.inexact):
+                    raise TypeError(
+                        NOT_FLOAT.format(
+                            caller=caller,
+                            path=format_path(flat.arg_path(i), root=f"args[{arg}]"),
+                            kind=type(leaf).__name__,
+                            dtype=jax.typeof(flat.values[i]).dtype,
+                        )
+                    )
+            chosen.append(i)
+        if not chosen:
+            raise ValueError(NOTHING_TO_DIFFERENTIATE.format(caller=caller, wrt=wrt, argnums=nums))
+        chosen_set = set(chosen)
+        others = [i for i in range(len(flat.values)) if i not in chosen_set]
+        specs = []
+
+        def pure(diff: list, rest: list) -> tuple:
+            values: list[Any] = [None] * len(flat.values)
+            for i, v in zip(chosen, diff, strict=True):
+                values[i] = v
+            for i, v in zip(others, rest, strict=True):
+                values[i] = v
+            inner_args, inner_kwargs, tops, inside = unflatten_call(flat.layout, flat.paths, values)
+            out = fn(*inner_args, **inner_kwargs)
+            if has_aux:
+                if not (isinstance(out, tuple) and len(out) == 2):
+                    raise TypeError(BAD_AUX.format(caller=caller, kind=type(out).__name__))
+                loss, aux = out
+            else:
+                loss, aux = out, None
+            spec, returned = flatten_result(flat.layout, tops, aux, inside, values)
+            specs.append(spec)
+            return loss, returned
+
+        diff = [flat.values[i] for i in chosen]
+        rest = [flat.values[i] for i in others]
+        (loss, returned), grads = jax.value_and_grad(pure, has_aux=True)(diff, rest)
+        aux = write_back(specs[-1], flat, returned)
+        by_arg = _grads_by_argument(flat, chosen, grads, nums, has_nodes, args, kwargs)
+        result = by_arg[0] if isinstance(argnums, int) else tuple(by_arg)
+        value = (loss, aux) if has_aux else loss
+        if with_value:
+            return value, result
+        return (result, aux) if has_aux else result
+
+    return wrapper
+
+
+def _grads_by_argument(
+    flat: Any,
+    chosen: list[int],
+    grads: list,
+    nums: tuple,
+    has_nodes: set,
+    args: tuple,
+    kwargs: dict,
+) -> list[Any]:
+    out = []
+    for arg in nums:
+        picked = [
+            (i, g)
+            for i, g in zip(chosen, grads, strict=True)
+            if flat.origin[flat.paths[i][0]] == arg
+        ]
+        if arg in has_nodes:
+            out.append(
+                State.from_flat(
+                    (flat.arg_path(i), flat.leaves[i].replace(value=g)) for i, g in picked
+                )
+            )
+        else:  # a plain pytree of arrays: gradients in its own structure
+            value = args[arg] if isinstance(arg, int) else kwargs[arg]
+            by_path = {flat.arg_path(i): g for i, g in picked}
+            with_paths, treedef = jax.tree_util.tree_flatten_with_path(value)
+            leaves = [by_path.get(tuple(plain_key(k) for k in p)) for p, _ in with_paths]
+            out.append(jax.tree.unflatten(treedef, leaves))
+    return out

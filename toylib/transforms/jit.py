@@ -1,0 +1,366 @@
+"""tl.jit: jax.jit for functions of Modules, with in-place updates carried out.
+
+Two paths:
+
+* The general path (``Jitted._call``) flattens the arguments into a Layout
+  and leaves (``lifting.flatten_call``), calls one ``jax.jit`` per Layout,
+  and writes the returned values and any structural change back into the
+  caller's objects (``lifting.write_back``). It runs on the first call, after
+  a structural change, and whenever the fast path does not apply.
+* The fast path (``_Fast``) is recorded after a general call whose arguments
+  are Modules, Variables, arrays and plain static values, whose structure did
+  not change inside, and whose output holds no Modules. It keeps the live
+  Variables in a list, so a call is: check the arguments are the same objects
+  and that no Module anywhere changed structure since (one integer, see
+  ``module.graph_version``), read the Variables' values, call the compiled
+  function (JAX's C++ dispatch), write the returned values back. No walk over
+  the object graph, no blocking on results.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import operator
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from toylib._core.module import graph_version, rebuild
+from toylib._core.variables import Variable, get_value, set_value
+from toylib.transforms.lifting import (
+    Flat,
+    Layout,
+    OutSpec,
+    StaticArg,
+    flatten_call,
+    flatten_result,
+    is_graph_node,
+    unflatten_call,
+    write_back,
+)
+
+__all__ = ["jit"]
+
+_ARRAYS = (jax.Array, np.ndarray)
+_OBJ, _ARR, _STATIC = "obj", "arr", "static"
+
+
+def _signature(values: Sequence[Any]) -> tuple:
+    """What jax.jit's cache sees of the values: shape, dtype, weak type."""
+    out = []
+    for value in jax.tree.leaves(values):
+        aval = jax.typeof(value)
+        out.append((aval.shape, aval.dtype, getattr(aval, "weak_type", False)))
+    return tuple(out)
+
+
+class _Compiled:
+    """One ``jax.jit`` for one Layout of the arguments."""
+
+    def __init__(self, fn: Callable, flat: Flat, donated: list[bool], jit_kwargs: dict) -> None:
+        self.fn = fn
+        self.layout = flat.layout
+        self.paths = flat.paths
+        self.donated = donated
+        is_var = [isinstance(leaf, Variable) for leaf in flat.leaves]
+        # Argument order of the compiled function: donated leaves then kept
+        # ones, Variables before bare arrays in each (the fast path's order).
+        groups = [
+            [i for i in range(len(donated)) if donated[i] == d and is_var[i] == v]
+            for d in (True, False)
+            for v in (True, False)
+        ]
+        self.order = [i for group in groups for i in group]
+        self.n_donated = len(groups[0]) + len(groups[1])
+        self.specs: dict[tuple, OutSpec] = {}
+        self.last: OutSpec | None = None
+        self.ntraces = 0
+        self.stable = True  # every trace so far produced the same OutSpec
+        donate = (0,) if self.n_donated else ()
+        self.jitted = jax.jit(self._traced, donate_argnums=donate, **jit_kwargs)
+
+    def _traced(self, donated: list, kept: list) -> list:
+        values: list[Any] = [None] * len(self.order)
+        for i, value in zip(self.order, donated + kept, strict=True):
+            values[i] = value
+        args, kwargs, tops, inside = unflatten_call(self.layout, self.paths, values)
+        out = self.fn(*args, **kwargs)
+        spec, returned = flatten_result(
+            self.layout, tops, out, inside, values, self.donated.__getitem__
+        )
+        # A retrace (new shapes) may change what comes out: record per signature.
+        self.specs[_signature(values)] = spec
+        if self.last is not None and spec != self.last:
+            self.stable = False
+        self.last = spec
+        self.ntraces += 1
+        return returned
+
+    def call(self, flat: Flat) -> tuple[Any, OutSpec]:
+        values = flat.values
+        ordered = [values[i] for i in self.order]
+        before = self.ntraces
+        returned = self.jitted(ordered[: self.n_donated], ordered[self.n_donated :])
+        spec = self.spec_after(before, values)
+        return write_back(spec, flat, returned), spec
+
+    def spec_after(self, before: int, values: Sequence[Any]) -> OutSpec:
+        """The OutSpec of the call just made (which may or may not have traced)."""
+        if self.ntraces != before or self.stable:
+            return self.last  # type: ignore[return-value]
+        return self.specs.get(_signature(values), self.last)  # type: ignore[return-value]
+
+
+class _Fast:
+    """A recorded call that can be repeated without flattening (see module docstring)."""
+
+    __slots__ = (
+        "compiled",
+        "d_arr",
+        "d_vars",
+        "k_arr",
+        "k_vars",
+        "kinds",
+        "kw",
+        "n",
+        "out",
+        "refs",
+        "spec",
+        "version",
+        "write_rets",
+        "write_vars",
+    )
+
+
+class Jitted:
+    """The callable ``tl.jit`` returns. See ``jit``."""
+
+    def __init__(
+        self,
+        fn: Callable,
+        donate: int | str | Sequence[int | str],
+        static_argnames: str | Sequence[str],
+        jit_kwargs: dict,
+    ) -> None:
+        functools.update_wrapper(self, fn)
+        self._fn = fn
+        self._donate = {donate} if isinstance(donate, int | str) else set(donate)
+        names = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
+        self._static_names = frozenset(names)
+        self._static_nums = frozenset(_positions(fn, names))
+        self._jit_kwargs = jit_kwargs
+        self._compiled: dict[Layout, _Compiled] = {}
+        self._fast: _Fast | None = None
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        # Used as a method decorator: bind `self` as the first argument.
+        return self if obj is None else functools.partial(self, obj)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        fast = self._fast
+        if fast is not None and fast.version == graph_version[0]:
+            values = (*args, *kwargs.values()) if kwargs else args
+            if len(values) == fast.n and (not kwargs or tuple(kwargs) == fast.kw):
+                for value, kind, ref in zip(values, fast.kinds, fast.refs, strict=True):
+                    if kind is _OBJ:
+                        if value is not ref():
+                            break
+                    elif kind is _ARR:
+                        if not isinstance(value, _ARRAYS):
+                            break
+                    elif value is not ref and (type(value) is not type(ref) or value != ref):
+                        break
+                else:
+                    return self._run_fast(fast, values, args, kwargs)
+        return self._call(args, kwargs)
+
+    def _run_fast(self, fast: _Fast, values: tuple, args: tuple, kwargs: dict) -> Any:
+        donated = list(map(get_value, fast.d_vars))
+        if fast.d_arr:
+            donated += [values[i] for i in fast.d_arr]
+        kept = list(map(get_value, fast.k_vars))
+        if fast.k_arr:
+            kept += [values[i] for i in fast.k_arr]
+        compiled = fast.compiled
+        before = compiled.ntraces
+        returned = compiled.jitted(donated, kept)
+        if compiled.ntraces != before and compiled.last != fast.spec:
+            # New shapes traced to a different result structure: general write-back.
+            self._fast = None
+            flat = flatten_call(self._mark_static(args), self._mark_static_kw(kwargs), "tl.jit")
+            return write_back(compiled.last, flat, returned)  # type: ignore[arg-type]
+        # `any` drains the map: one C-level loop that writes every value.
+        any(map(set_value, fast.write_vars, map(returned.__getitem__, fast.write_rets)))
+        return fast.out(returned)
+
+    def _mark_static(self, args: tuple) -> tuple:
+        if not self._static_nums:
+            return args
+        return tuple(StaticArg(a) if i in self._static_nums else a for i, a in enumerate(args))
+
+    def _mark_static_kw(self, kwargs: dict) -> dict:
+        if not self._static_names:
+            return kwargs
+        return {k: StaticArg(v) if k in self._static_names else v for k, v in kwargs.items()}
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
+        flat = flatten_call(self._mark_static(args), self._mark_static_kw(kwargs), "tl.jit")
+        compiled = self._compiled.get(flat.layout)
+        if compiled is None:
+            donated = [self._is_donated(flat, i) for i in range(len(flat.paths))]
+            compiled = _Compiled(self._fn, flat, donated, self._jit_kwargs)
+            self._compiled[flat.layout] = compiled
+        out, spec = compiled.call(flat)
+        self._fast = self._record(compiled, spec, flat, args, kwargs)
+        return out
+
+    def _is_donated(self, flat: Flat, i: int) -> bool:
+        return flat.origin[flat.paths[i][0]] in self._donate
+
+    def _record(
+        self, compiled: _Compiled, spec: OutSpec, flat: Flat, args: tuple, kwargs: dict
+    ) -> _Fast | None:
+        """A _Fast for repeating this call, or None when it does not qualify."""
+        if not (compiled.stable and spec.same_structure and spec.output_is_plain):
+            return None
+        values = (*args, *kwargs.values())
+        kinds, refs = [], []
+        for i, value in enumerate(values):
+            static = (
+                i in self._static_nums
+                if i < len(args)
+                else (list(kwargs)[i - len(args)] in self._static_names)
+            )
+            if static or not (is_graph_node(value) or isinstance(value, _ARRAYS)):
+                if not static and jax.tree.structure(value).num_nodes != 1:
+                    return None  # a container: its contents could change in place
+                kinds.append(_STATIC)
+                refs.append(value)
+            elif isinstance(value, _ARRAYS):
+                kinds.append(_ARR)
+                refs.append(None)
+            else:
+                kinds.append(_OBJ)
+                refs.append(weakref.ref(value, self._forget))
+        # Every top-level leaf is one argument: arguments in order, then the
+        # keywords sorted by name (jax's dict order).
+        value_of_top = list(range(len(args)))
+        value_of_top += [len(args) + list(kwargs).index(k) for k in sorted(kwargs)]
+        fast = _Fast()
+        fast.compiled, fast.spec, fast.version = compiled, spec, graph_version[0]
+        fast.kw, fast.n = tuple(kwargs), len(values)
+        fast.kinds, fast.refs = tuple(kinds), tuple(refs)
+        sources: list[list] = [[], [], [], []]  # donated vars, donated arrays, kept...
+        for i in compiled.order:
+            leaf = flat.leaves[i]
+            group = (0 if compiled.donated[i] else 2) + (0 if isinstance(leaf, Variable) else 1)
+            if isinstance(leaf, Variable):
+                sources[group].append(leaf)
+            elif len(flat.paths[i]) == 1:
+                sources[group].append(value_of_top[flat.paths[i][0]])
+            else:
+                return None  # a bare array inside a container or Module
+        fast.d_vars, fast.d_arr, fast.k_vars, fast.k_arr = sources
+        writes = [(flat.leaves[k], r) for k, r in spec.variable_writes]
+        writes = [(v, r) for v, r in writes if isinstance(v, Variable)]
+        fast.write_vars = [v for v, _ in writes]
+        fast.write_rets = [r for _, r in writes]
+        fast.out = _output_builder(spec)
+        return fast
+
+    def _forget(self, _: Any) -> None:
+        self._fast = None
+
+
+def _output_builder(spec: OutSpec) -> Callable[[list], Any]:
+    """Build the output from the returned values (plain outputs only)."""
+    out_paths = [(p, ~s) for p, s in zip(spec.paths, spec.sources, strict=True) if p[0] == 1]
+    skeleton = spec.graphdef.root.items[1]
+    treedef = spec.out_treedef
+    if treedef.num_leaves == 1 and len(out_paths) == 1 and out_paths[0][0] == (1, 0):
+        return operator.itemgetter(out_paths[0][1])
+    where = dict(out_paths)
+
+    def build(returned: list) -> Any:
+        tops = rebuild(skeleton, (1,), lambda path, _: returned[where[path]])
+        return jax.tree.unflatten(treedef, tops)
+
+    return build
+
+
+def _positions(fn: Callable, names: tuple[str, ...]) -> list[int]:
+    if not names:
+        return []
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return []
+    return [params.index(n) for n in names if n in params]
+
+
+def jit(
+    fn: Callable | None = None,
+    *,
+    donate: int | str | Sequence[int | str] = (),
+    static_argnames: str | Sequence[str] = (),
+    in_shardings: Any = None,
+    out_shardings: Any = None,
+) -> Any:
+    """Compile ``fn`` with ``jax.jit``; Modules in, in-place changes out.
+
+    Arguments may be Modules, Variables, States, arrays or any Python values,
+    in any position and nested in lists, tuples and dicts. Arrays (and the
+    values of Variables) are traced; everything else is static and keys the
+    compilation cache, so it must be hashable. Changes ``fn`` makes to the
+    Variables of its arguments (``self.count += 1``, BatchNorm statistics,
+    Rngs counters, an optimizer step) are written back to the caller's
+    objects, and so are structural changes (a new ``Intermediate``
+    attribute, a popped Variable). A Module reachable from two arguments is
+    one object inside and stays one object outside. Returning an argument
+    Module returns the caller's object.
+
+    Variables that ``fn`` closes over (rather than receives) are constants of
+    the compiled program; setting one inside raises an error that says to
+    pass its Module as an argument. Containers passed as arguments (a list
+    of Modules) are rebuilt inside, so appending to them is not carried out;
+    change Modules' attributes instead.
+
+    Arguments:
+        fn: the function.
+        donate: argument positions and/or keyword names whose arrays may be
+            donated (their buffers reused for the results, ``jax.jit``'s
+            ``donate_argnums``): typically the model and optimizer.
+        static_argnames: parameters to treat as static even if they hold
+            arrays (they must be hashable).
+        in_shardings, out_shardings: a ``jax.sharding.Sharding`` applied to
+            every input (output) array, passed to ``jax.jit``.
+
+    Returns:
+        The compiled function (also usable as ``@tl.jit`` or ``@tl.jit(...)``).
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> class Counter(tl.Module):
+        ...     def __init__(self):
+        ...         self.count = tl.Variable(jnp.array(0))
+        ...     def __call__(self, x):
+        ...         self.count += 1
+        ...         return x * 2
+        >>> counter = Counter()
+        >>> step = tl.jit(lambda m, x: m(x))
+        >>> _ = step(counter, jnp.ones(2)); _ = step(counter, jnp.ones(2))
+        >>> int(counter.count.value)
+        2
+    """
+    jit_kwargs = {}
+    if in_shardings is not None:
+        jit_kwargs["in_shardings"] = in_shardings
+    if out_shardings is not None:
+        jit_kwargs["out_shardings"] = out_shardings
+    if fn is None:
+        return lambda f: Jitted(f, donate, static_argnames, jit_kwargs)
+    return Jitted(fn, donate, static_argnames, jit_kwargs)

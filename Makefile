@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo lint format clean
+.PHONY: test demo bench lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/linear_regression.py
+
+# Benchmarks compare against Equinox and Flax NNX: installed only here.
+bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/overhead.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -164,7 +164,7 @@ class Jitted:
         fast = self._fast
         if fast is not None and fast.version == graph_version[0]:
             values = (*args, *kwargs.values()) if kwargs else args
-            if len(values) == fast.n and (not kwargs or tuple(kwargs) == fast.kw):
+            if len(values) == fast.n and tuple(kwargs) == fast.kw:
                 for value, kind, ref in zip(values, fast.kinds, fast.refs, strict=True):
                     if kind is _OBJ:
                         if value is not ref():
@@ -236,8 +236,9 @@ class Jitted:
                 else (list(kwargs)[i - len(args)] in self._static_names)
             )
             if static or not (is_graph_node(value) or isinstance(value, _ARRAYS)):
-                if not static and jax.tree.structure(value).num_nodes != 1:
-                    return None  # a container: its contents could change in place
+                treedef = jax.tree.structure(value)
+                if not static and (treedef.num_nodes != 1 or treedef.num_leaves != 1):
+                    return None  # a container or None: not one leaf
                 kinds.append(_STATIC)
                 refs.append(value)
             elif isinstance(value, _ARRAYS):

@@ -166,8 +166,10 @@ LIBRARIES = {
 def measure(depths: list[int], rounds: int, steps: int, only: list[str] | None) -> None:
     x = jax.random.normal(jax.random.key(1), (BATCH, WIDTH))
     y = jax.random.normal(jax.random.key(2), (BATCH, WIDTH))
-    print(f"jax {jax.__version__}, {platform.processor() or platform.machine()}, "
-          f"{jax.devices()[0].platform}, {rounds} rounds x {steps} steps")
+    print(
+        f"jax {jax.__version__}, {platform.processor() or platform.machine()}, "
+        f"{jax.devices()[0].platform}, {rounds} rounds x {steps} steps"
+    )
     print(f"{'depth':>5}  {'library':<20} {'us/step':>9} {'vs raw':>7}")
     for depth in depths:
         runners = {}

@@ -187,7 +187,10 @@ def _grads_by_argument(
             for i, g in zip(chosen, grads, strict=True)
             if flat.origin[flat.paths[i][0]] == arg
         ]
-        if arg in has_nodes:
+        if arg in has_nodes and len(picked) == 1 and flat.arg_path(picked[0][0]) == ():
+            i, g = picked[0]  # the argument is a Variable: its gradient, same type
+            out.append(flat.leaves[i].replace(value=g))
+        elif arg in has_nodes:
             out.append(
                 State.from_flat(
                     (flat.arg_path(i), flat.leaves[i].replace(value=g)) for i, g in picked

@@ -29,8 +29,8 @@ inside the branches.
 
 LOOP_STRUCTURE = """\
 tl.fori_loop: the body returned a value whose structure differs from init_val
-(a Variable or attribute was added, removed or replaced, or a different object
-was returned). The loop carries one structure from step to step.
+(a Variable or attribute was added, removed or replaced, or a value of another
+structure was returned). The loop carries one structure from step to step.
 Fix: return the (updated) carry itself, e.g. `return model` or `return (model, x)`.
 """
 
@@ -110,7 +110,11 @@ def switch(index: Any, branches: Sequence[Callable], *operands: Any) -> Any:
     flat = flatten_call(operands, {}, "tl.switch")
     record: list[OutSpec] = []
     pures = [_lift(branch, flat, record, always_return=True) for branch in branches]
-    returned = jax.lax.switch(index, pures, list(flat.values))
+    try:
+        returned = jax.lax.switch(index, pures, list(flat.values))
+    except TypeError:  # jax compares the branches first: say what differs in toylib terms
+        _check_same(record[-len(branches) :], "tl.switch")
+        raise
     _check_same(record[-len(branches) :], "tl.switch")
     return write_back(record[-1], flat, returned)
 
@@ -133,7 +137,11 @@ def cond(pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> An
     record: list[OutSpec] = []
     pure_true = _lift(true_fn, flat, record, always_return=True)
     pure_false = _lift(false_fn, flat, record, always_return=True)
-    returned = jax.lax.cond(pred, pure_true, pure_false, list(flat.values))
+    try:
+        returned = jax.lax.cond(pred, pure_true, pure_false, list(flat.values))
+    except TypeError:  # jax compares the branches first: say what differs in toylib terms
+        _check_same(record[-2:], "tl.cond")
+        raise
     _check_same(record[-2:], "tl.cond")
     return write_back(record[-1], flat, returned)
 
@@ -194,5 +202,6 @@ def eval_shape(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     """
     flat = flatten_call(args, kwargs, "tl.eval_shape")
     record: list[OutSpec] = []
-    returned = jax.eval_shape(_lift(fn, flat, record), list(flat.values))
+    # Everything is returned, so unchanged inputs come back abstract too.
+    returned = jax.eval_shape(_lift(fn, flat, record, always_return=True), list(flat.values))
     return write_back(record[-1], flat, returned, update=False)

@@ -282,7 +282,8 @@ def _output_builder(spec: OutSpec) -> Callable[[list], Any]:
     out_paths = [(p, ~s) for p, s in zip(spec.paths, spec.sources, strict=True) if p[0] == 1]
     skeleton = spec.graphdef.root.items[1]
     treedef = spec.out_treedef
-    if treedef.num_leaves == 1 and len(out_paths) == 1 and out_paths[0][0] == (1, 0):
+    single = treedef.num_leaves == 1 and treedef.num_nodes == 1  # a bare array output
+    if single and len(out_paths) == 1 and out_paths[0][0] == (1, 0):
         return operator.itemgetter(out_paths[0][1])
     where = dict(out_paths)
 

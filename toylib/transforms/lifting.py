@@ -132,8 +132,8 @@ def flatten_call(
     origin = [plain_key(p[1]) for p, _ in with_paths]
     keypath = [tuple(plain_key(k) for k in p[2:]) for p, _ in with_paths]
     nodes: list[Any] = []
-    graphdef, pairs = graph.flatten(tops, nodes)
     try:
+        graphdef, pairs = graph.flatten(tops, nodes)
         layout = Layout(treedef, graphdef)
         hash(layout)
     except TypeError:

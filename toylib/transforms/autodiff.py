@@ -14,6 +14,7 @@ from toylib._core.variables import Param, Variable
 from toylib.transforms.lifting import (
     flatten_call,
     flatten_result,
+    interleave,
     is_graph_node,
     plain_key,
     unflatten_call,
@@ -140,11 +141,7 @@ def _differentiate(
         specs = []
 
         def pure(diff: list, rest: list) -> tuple:
-            values: list[Any] = [None] * len(flat.values)
-            for i, v in zip(chosen, diff, strict=True):
-                values[i] = v
-            for i, v in zip(others, rest, strict=True):
-                values[i] = v
+            values = interleave(len(flat.values), (chosen, diff), (others, rest))
             inner_args, inner_kwargs, tops, inside = unflatten_call(flat.layout, flat.paths, values)
             out = fn(*inner_args, **inner_kwargs)
             if has_aux:

@@ -19,6 +19,7 @@ from toylib.transforms.lifting import (
     OutSpec,
     flatten_call,
     flatten_result,
+    interleave,
     is_graph_node,
     unflatten_call,
     write_back,
@@ -287,11 +288,7 @@ def scan(
         record: list[tuple[OutSpec, list[int]]] = []
 
         def body(carry: list, xs: list) -> tuple:
-            values: list[Any] = [None] * len(flat.values)
-            for i, v in zip(carried, carry, strict=True):
-                values[i] = v
-            for i, v in zip(scanned, xs, strict=True):
-                values[i] = v
+            values = interleave(len(flat.values), (carried, carry), (scanned, xs))
             inner_args, _, tops, inside = unflatten_call(flat.layout, flat.paths, values)
             out = fn(*inner_args)
             new_carry, ys = _split_output(out, out_axes)

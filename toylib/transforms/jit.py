@@ -38,6 +38,7 @@ from toylib.transforms.lifting import (
     StaticArg,
     flatten_call,
     flatten_result,
+    interleave,
     is_graph_node,
     unflatten_call,
     write_back,
@@ -84,9 +85,7 @@ class _Compiled:
         self.jitted = jax.jit(self._traced, donate_argnums=donate, **jit_kwargs)
 
     def _traced(self, donated: list, kept: list) -> list:
-        values: list[Any] = [None] * len(self.order)
-        for i, value in zip(self.order, donated + kept, strict=True):
-            values[i] = value
+        values = interleave(len(self.order), (self.order, donated + kept))
         args, kwargs, tops, inside = unflatten_call(self.layout, self.paths, values)
         out = self.fn(*args, **kwargs)
         spec, returned = flatten_result(

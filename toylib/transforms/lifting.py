@@ -178,6 +178,15 @@ def _raise_unhashable(tops: tuple, origin: list, keypath: list, caller: str) -> 
     raise TypeError(f"{caller}: a static attribute of an argument is not hashable.")
 
 
+def interleave(n: int, *parts: tuple[Sequence[int], Sequence[Any]]) -> list[Any]:
+    """One list of ``n`` values from ``(positions, values)`` parts (e.g. carry and xs)."""
+    values: list[Any] = [None] * n
+    for positions, part in parts:
+        for i, value in zip(positions, part, strict=True):
+            values[i] = value
+    return values
+
+
 def unflatten_call(layout: Layout, paths: Sequence[Path], values: Sequence[Any]) -> tuple:
     """Step 2: ``(args, kwargs, tops, inside_nodes)`` built around ``values``."""
     nodes: dict[int, Any] = {}

@@ -16,7 +16,6 @@ from toylib.transforms.lifting import (
     flatten_result,
     interleave,
     is_graph_node,
-    plain_key,
     unflatten_call,
     write_back,
 )
@@ -193,10 +192,9 @@ def _grads_by_argument(
                     (flat.arg_path(i), flat.leaves[i].replace(value=g)) for i, g in picked
                 )
             )
-        else:  # a plain pytree of arrays: gradients in its own structure
+        else:  # a plain pytree of arrays: gradients in its own structure (None if static)
             value = args[arg] if isinstance(arg, int) else kwargs[arg]
-            by_path = {flat.arg_path(i): g for i, g in picked}
-            with_paths, treedef = jax.tree_util.tree_flatten_with_path(value)
-            leaves = [by_path.get(tuple(plain_key(k) for k in p)) for p, _ in with_paths]
-            out.append(jax.tree.unflatten(treedef, leaves))
+            by_top = {flat.paths[i][0]: g for i, g in picked}
+            leaves = [by_top.get(t) for t, origin in enumerate(flat.origin) if origin == arg]
+            out.append(jax.tree.unflatten(jax.tree.structure(value), leaves))
     return out

@@ -284,6 +284,7 @@ def scan(
                 raise ValueError(
                     f"tl.scan: axis {axes[i]!r}: only 0, None and tl.Carry are supported."
                 )
+        carried_set = set(carried)
         carry_arg = [i for i, a in enumerate(in_axes) if a is Carry]
         record: list[tuple[OutSpec, list[int]]] = []
 
@@ -312,7 +313,6 @@ def scan(
             record.append((spec, where))
             return next_carry, stacked
 
-        carried_set = set(carried)
         final, stacked = jax.lax.scan(
             body,
             [flat.values[i] for i in carried],

@@ -190,24 +190,19 @@ class Jitted:
         if compiled.ntraces != before and compiled.last != fast.spec:
             # New shapes traced to a different result structure: general write-back.
             self._fast = None
-            flat = flatten_call(self._mark_static(args), self._mark_static_kw(kwargs), "tl.jit")
-            return write_back(compiled.last, flat, returned)  # type: ignore[arg-type]
+            return write_back(compiled.last, self._flatten(args, kwargs), returned)  # type: ignore[arg-type]
         # `any` drains the map: one C-level loop that writes every value.
         any(map(set_value, fast.write_vars, map(returned.__getitem__, fast.write_rets)))
         return fast.out(returned)
 
-    def _mark_static(self, args: tuple) -> tuple:
-        if not self._static_nums:
-            return args
-        return tuple(StaticArg(a) if i in self._static_nums else a for i, a in enumerate(args))
-
-    def _mark_static_kw(self, kwargs: dict) -> dict:
-        if not self._static_names:
-            return kwargs
-        return {k: StaticArg(v) if k in self._static_names else v for k, v in kwargs.items()}
+    def _flatten(self, args: tuple, kwargs: dict) -> Flat:
+        """``flatten_call`` with the ``static_argnames`` arguments kept whole."""
+        args = tuple(StaticArg(a) if i in self._static_nums else a for i, a in enumerate(args))
+        kwargs = {k: StaticArg(v) if k in self._static_names else v for k, v in kwargs.items()}
+        return flatten_call(args, kwargs, "tl.jit")
 
     def _call(self, args: tuple, kwargs: dict) -> Any:
-        flat = flatten_call(self._mark_static(args), self._mark_static_kw(kwargs), "tl.jit")
+        flat = self._flatten(args, kwargs)
         compiled = self._compiled.get(flat.layout)
         if compiled is None:
             donated = [self._is_donated(flat, i) for i in range(len(flat.paths))]
@@ -254,19 +249,21 @@ class Jitted:
         fast.compiled, fast.spec, fast.version = compiled, spec, graph_version[0]
         fast.kw, fast.n = tuple(kwargs), len(values)
         fast.kinds, fast.refs = tuple(kinds), tuple(refs)
-        sources: list[list] = [[], [], [], []]  # donated vars, donated arrays, kept...
-        for i in compiled.order:
-            leaf = flat.leaves[i]
-            group = (0 if compiled.donated[i] else 2) + (0 if isinstance(leaf, Variable) else 1)
+        fast.d_vars, fast.d_arr, fast.k_vars, fast.k_arr = [], [], [], []
+        for position, i in enumerate(compiled.order):  # grouped as _Compiled orders them
+            leaf, donated = flat.leaves[i], position < compiled.n_donated
             if isinstance(leaf, Variable):
-                sources[group].append(leaf)
+                (fast.d_vars if donated else fast.k_vars).append(leaf)
             elif len(flat.paths[i]) == 1:
-                sources[group].append(value_of_top[flat.paths[i][0]])
+                (fast.d_arr if donated else fast.k_arr).append(value_of_top[flat.paths[i][0]])
             else:
                 return None  # a bare array inside a container or Module
-        fast.d_vars, fast.d_arr, fast.k_vars, fast.k_arr = sources
-        writes = [(flat.leaves[k], r) for k, r in spec.variable_writes]
-        writes = [(v, r) for v, r in writes if isinstance(v, Variable)]
+        # Same structure: the arguments' leaves come first in the OutSpec, in order.
+        writes = [
+            (leaf, ~s)
+            for leaf, s in zip(flat.leaves, spec.sources, strict=False)
+            if s < 0 and isinstance(leaf, Variable)
+        ]
         fast.write_vars = [v for v, _ in writes]
         fast.write_rets = [r for _, r in writes]
         fast.out = _output_builder(spec)

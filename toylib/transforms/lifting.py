@@ -23,7 +23,7 @@ A transformed call goes through four steps, shared by all transforms:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -175,7 +175,10 @@ def _raise_unhashable(tops: tuple, origin: list, keypath: list, caller: str) -> 
             raise TypeError(
                 UNHASHABLE_ARGUMENT.format(caller=caller, where=where, kind=type(top).__name__)
             ) from None
-    raise TypeError(f"{caller}: a static attribute of an argument is not hashable.")
+    raise TypeError(
+        f"{caller}: a static value inside an argument (a Module attribute or Variable "
+        "metadata) is not hashable. Fix: store it as a tuple, frozenset or frozen dataclass."
+    )
 
 
 def interleave(n: int, *parts: tuple[Sequence[int], Sequence[Any]]) -> list[Any]:
@@ -213,7 +216,6 @@ class OutSpec:
     out_treedef: Any
     same_structure: bool  # the inputs' structure and objects are unchanged
     output_is_plain: bool  # the output holds no Module or Variable
-    variable_writes: tuple[tuple[int, int], ...] = field(default=())  # (input leaf, returned)
 
 
 def flatten_result(
@@ -233,17 +235,13 @@ def flatten_result(
     given = {id(v): i for i, v in enumerate(in_values)}
     sources: list[int] = []
     returned: list[Any] = []
-    writes: list[tuple[int, int]] = []
-    n_in = len(in_values)
-    for k, (path, leaf) in enumerate(pairs):
+    for path, leaf in pairs:
         value = leaf._value if isinstance(leaf, Variable) else leaf
         i = given.get(id(value), -1)
         if i >= 0 and path[0] == 0 and not always_return(i):
             sources.append(i)
             continue
         sources.append(~len(returned))
-        if path[0] == 0 and k < n_in:
-            writes.append((k, len(returned)))
         returned.append(value)
     same = graphdef.root.items[0] == layout.graphdef.root and all(
         nodes[i] is inside_nodes.get(i) for i in range(len(inside_nodes))
@@ -257,7 +255,6 @@ def flatten_result(
         out_treedef,
         same,
         plain,
-        tuple(writes) if same else (),
     )
     return spec, returned
 

@@ -23,6 +23,7 @@ own functions (``tl.split``, ``tl.jit``...) see the *graph*, see ``graph.py``.
 from __future__ import annotations
 
 import functools
+import itertools
 import types
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
@@ -33,7 +34,7 @@ from jax.tree_util import GetAttrKey
 
 from toylib._core.variables import Variable, describe_value
 
-__all__ = ["Dict", "List", "Module", "format_path", "iter_graph"]
+__all__ = ["Dict", "List", "Module", "format_path", "iter_graph", "module_path"]
 
 Path = tuple[Any, ...]
 
@@ -371,6 +372,8 @@ class Module:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _register(cls)
+        if "__call__" in vars(cls):
+            cls.__call__ = _track_calls(vars(cls)["__call__"])
 
     def __setattr__(self, name: str, value: Any) -> None:
         current = vars(self).get(name, _MISSING)
@@ -410,6 +413,64 @@ class Module:
 
     def __repr__(self) -> str:
         return _repr(self, 0, {}, ())
+
+
+# -- call stack -------------------------------------------------------------------
+# The Modules whose __call__ is running, outermost first. A layer that rejects
+# its input names itself by its path from the outermost one
+# (`model.blocks[2].attn`), which it cannot know on its own: Modules hold no
+# parent links. Only Python-level calls pay for this (eagerly, or once per
+# trace); compiled code never sees it.
+_calls: list[Any] = []
+
+
+def _track_calls(call: Callable) -> Callable:
+    if getattr(call, "_tracks_calls", False):
+        return call
+
+    @functools.wraps(call)
+    def tracked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _calls.append(self)
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            _calls.pop()
+
+    tracked._tracks_calls = True  # type: ignore[attr-defined]
+    return tracked
+
+
+def module_path(module: Module) -> str:
+    """Where ``module`` sits in the model being called: ``model.blocks[2].attn (Attention)``.
+
+    The path runs from the outermost Module whose ``__call__`` is running.
+    A step whose child cannot be found by identity (a copy rebuilt inside a
+    jax transform, e.g. one block of ``nn.Stack``) is shown as ``<Type>``.
+    Outside any call it is ``model (Type)``. Layers use it in error messages.
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> from toylib import nn
+        >>> mlp = nn.MLP([3, 4, 2], rngs=0)
+        >>> mlp(jnp.ones((1, 5)))
+        Traceback (most recent call last):
+        ValueError: model.layers[0] (Linear): expected input of shape (..., 3), got (1, 5).
+        ...
+    """
+    chain = [m for i, m in enumerate(_calls) if i == 0 or m is not _calls[i - 1]]
+    if not chain or chain[-1] is not module:
+        chain.append(module)
+    text = "model"
+    for parent, child in itertools.pairwise(chain):
+        text += _child_path(parent, child)
+    return f"{text} ({type(module).__name__})"
+
+
+def _child_path(parent: Any, child: Any) -> str:
+    for path, node in iter_graph(parent):
+        if node is child:
+            return format_path(path, root="")
+    return f".<{type(child).__name__}>"
 
 
 # -- repr -------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from jaxtyping import Array, ArrayLike, Float
 from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
 from toylib._core.variables import Param
+from toylib.nn.checks import check_features
 from toylib.nn.dtypes import promote_dtype
 
 __all__ = ["Linear", "default_kernel_init"]
@@ -18,12 +19,6 @@ __all__ = ["Linear", "default_kernel_init"]
 # LeCun normal (variance 1/fan_in), Flax's default: keeps activations at unit
 # scale through tanh/SELU-like networks; ReLU networks train fine with it too.
 default_kernel_init = jax.nn.initializers.lecun_normal()
-
-WRONG_FEATURES = """\
-{layer}: expected input of shape (..., {expected}) (in_features={expected}), got shape {shape}.
-Fix: feed arrays whose last axis has {expected} features, or build the layer
-with in_features={got}.
-"""
 
 
 class Linear(Module):
@@ -74,15 +69,7 @@ class Linear(Module):
 
     def __call__(self, x: Float[ArrayLike, "*batch in"]) -> Float[Array, "*batch out"]:
         x = jnp.asarray(x)
-        if x.ndim == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                WRONG_FEATURES.format(
-                    layer=f"Linear({self.in_features}, {self.out_features})",
-                    expected=self.in_features,
-                    shape=x.shape,
-                    got=x.shape[-1] if x.ndim else "?",
-                )
-            )
+        check_features(self, x.shape, self.in_features)
         bias = None if self.bias is None else self.bias.value
         x, kernel, bias = promote_dtype(x, self.kernel.value, bias, dtype=self.dtype)
         y = x @ kernel

@@ -10,14 +10,10 @@ from jaxtyping import Array, ArrayLike, Float
 
 from toylib._core.module import Module
 from toylib._core.variables import BatchStat, Param
+from toylib.nn.checks import check_features
 from toylib.nn.dtypes import promote_dtype
 
 __all__ = ["BatchNorm"]
-
-WRONG_FEATURES = """\
-BatchNorm({expected}): expected input with {expected} features on axis {axis}, got shape {shape}.
-Fix: build the layer with num_features={got}, or normalise another axis with axis=...
-"""
 
 
 class BatchNorm(Module):
@@ -82,16 +78,8 @@ class BatchNorm(Module):
         self, x: Float[ArrayLike, "*shape"], *, use_running_average: bool | None = None
     ) -> Float[Array, "*shape"]:
         x = jnp.asarray(x)
-        axis = self.axis % x.ndim if x.ndim else 0
-        if x.ndim == 0 or x.shape[axis] != self.num_features:
-            raise ValueError(
-                WRONG_FEATURES.format(
-                    expected=self.num_features,
-                    axis=self.axis,
-                    shape=x.shape,
-                    got=x.shape[axis] if x.ndim else "?",
-                )
-            )
+        check_features(self, x.shape, self.num_features, name="num_features", axis=self.axis)
+        axis = self.axis % x.ndim
         if use_running_average is None:
             use_running_average = self.use_running_average
         reduce = tuple(i for i in range(x.ndim) if i != axis)

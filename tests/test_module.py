@@ -269,3 +269,85 @@ def test_repr_survives_reference_cycles():
     a = Node()
     a.parent = a
     assert "shared: model" in repr(a)
+
+
+# -- module_path: where a layer sits in the model being called -------------------------------
+
+
+class _Encoder(tl.Module):
+    def __init__(self):
+        self.layers = [nn.Linear(3, 3, rngs=0), nn.Linear(3, 2, rngs=1)]
+        self.heads = {"out": nn.Linear(2, 4, rngs=2)}
+
+    def __call__(self, x, skip=False):
+        for layer in self.layers[1:] if skip else self.layers:
+            x = layer(x)
+        return self.heads["out"](x)
+
+
+class _Model(tl.Module):
+    def __init__(self):
+        self.encoder = _Encoder()
+
+    def __call__(self, x, skip=False):
+        return self.encoder(x, skip)
+
+
+def test_shape_error_names_the_layer_path_inside_the_called_model():
+    from toylib._core import module as module_lib
+
+    model = _Model()
+    with pytest.raises(ValueError, match=r"^model\.encoder\.layers\[0\] \(Linear\): .*\(7, 5\)"):
+        model(jnp.ones((7, 5)))
+    assert module_lib._calls == []  # the call stack unwinds on errors
+    # The same layer called directly is the root.
+    with pytest.raises(ValueError, match=r"^model \(Linear\)"):
+        model.encoder.layers[0](jnp.ones((7, 5)))
+    # Dict keys, and a call from a submodule: the path starts at the outermost call.
+    with pytest.raises(ValueError, match=r"^model\.encoder\.layers\[1\] \(Linear\)"):
+        model(jnp.ones((7, 4)), skip=True)
+    with pytest.raises(ValueError, match=r"^model\.layers\[1\] \(Linear\)"):
+        model.encoder(jnp.ones((7, 4)), skip=True)
+
+
+def test_shape_error_path_inside_transforms():
+    model = _Model()
+    with pytest.raises(ValueError, match=r"^model\.encoder\.layers\[0\] \(Linear\)"):
+        tl.jit(lambda m, x: m(x))(model, jnp.ones((7, 5)))
+    with pytest.raises(ValueError, match=r"^model\.encoder\.layers\[0\] \(Linear\)"):
+        jax.jit(lambda m, x: m(x))(model, jnp.ones((7, 5)))
+    out = tl.jit(lambda m, x: m(x))(model, jnp.ones((7, 3)))
+    assert out.shape == (7, 4)
+
+
+def test_module_path_of_a_shared_layer_uses_its_first_path():
+    class Tied(tl.Module):
+        def __init__(self):
+            self.a = nn.Linear(3, 3, rngs=0)
+            self.b = self.a
+
+        def __call__(self, x):
+            return self.b(x)
+
+    with pytest.raises(ValueError, match=r"^model\.a \(Linear\)"):
+        Tied()(jnp.ones(4))
+
+
+def test_call_tracking_keeps_signature_and_subclass_super_calls():
+    import inspect
+
+    class Base(tl.Module):
+        def __init__(self):
+            self.lin = nn.Linear(2, 2, rngs=0)
+
+        def __call__(self, x, *, scale: float = 1.0):
+            return self.lin(x) * scale
+
+    class Child(Base):
+        def __call__(self, x, *, scale: float = 2.0):
+            return super().__call__(x, scale=scale)
+
+    assert list(inspect.signature(Child.__call__).parameters) == ["self", "x", "scale"]
+    assert Child()(jnp.ones(2)).shape == (2,)
+    with pytest.raises(ValueError, match=r"^model\.lin \(Linear\)"):
+        Child()(jnp.ones(3))

@@ -22,6 +22,7 @@ own functions (``tl.split``, ``tl.jit``...) see the *graph*, see ``graph.py``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import types
@@ -422,6 +423,19 @@ class Module:
 # parent links. Only Python-level calls pay for this (eagerly, or once per
 # trace); compiled code never sees it.
 _calls: list[Any] = []
+# Names for Modules rebuilt inside a jax transform, which identity lookup
+# cannot find (nn.Stack labels the block it scans over `blocks[*]`).
+_labels: dict[int, str] = {}
+
+
+@contextlib.contextmanager
+def labelled(module: Any, label: str) -> Iterator[None]:
+    """Within the block, ``module_path`` shows ``module`` as ``label`` (e.g. ``.blocks[*]``)."""
+    _labels[id(module)] = label
+    try:
+        yield
+    finally:
+        del _labels[id(module)]
 
 
 def _track_calls(call: Callable) -> Callable:
@@ -470,7 +484,7 @@ def _child_path(parent: Any, child: Any) -> str:
     for path, node in iter_graph(parent):
         if node is child:
             return format_path(path, root="")
-    return f".<{type(child).__name__}>"
+    return _labels.get(id(child), f".<{type(child).__name__}>")
 
 
 # -- repr -------------------------------------------------------------------------

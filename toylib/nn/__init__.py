@@ -29,7 +29,7 @@ from jax.nn import (
 )
 from jax.numpy import tanh
 
-from toylib.nn.containers import MLP, Sequential
+from toylib.nn.containers import MLP, Sequential, Stack
 from toylib.nn.dropout import Dropout
 from toylib.nn.linear import Linear
 from toylib.nn.normalization import BatchNorm
@@ -40,6 +40,7 @@ __all__ = [
     "Dropout",
     "Linear",
     "Sequential",
+    "Stack",
     "celu",
     "elu",
     "gelu",

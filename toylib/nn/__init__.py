@@ -29,19 +29,45 @@ from jax.nn import (
 )
 from jax.numpy import tanh
 
+from toylib.nn.attention import (
+    MultiHeadAttention,
+    dot_product_attention,
+    dot_product_attention_weights,
+    make_attention_mask,
+    make_causal_mask,
+)
 from toylib.nn.containers import MLP, Sequential, Stack
+from toylib.nn.conv import Conv, ConvTranspose
 from toylib.nn.dropout import Dropout
-from toylib.nn.linear import Linear
-from toylib.nn.normalization import BatchNorm
+from toylib.nn.linear import Embed, Identity, Linear
+from toylib.nn.normalization import BatchNorm, GroupNorm, LayerNorm, RMSNorm
+from toylib.nn.pooling import AvgPool, MaxPool, avg_pool, max_pool
+from toylib.nn.recurrent import RNN, GRUCell, LSTMCell
 
 __all__ = [
     "MLP",
+    "RNN",
+    "AvgPool",
     "BatchNorm",
+    "Conv",
+    "ConvTranspose",
     "Dropout",
+    "Embed",
+    "GRUCell",
+    "GroupNorm",
+    "Identity",
+    "LSTMCell",
+    "LayerNorm",
     "Linear",
+    "MaxPool",
+    "MultiHeadAttention",
+    "RMSNorm",
     "Sequential",
     "Stack",
+    "avg_pool",
     "celu",
+    "dot_product_attention",
+    "dot_product_attention_weights",
     "elu",
     "gelu",
     "glu",
@@ -51,6 +77,9 @@ __all__ = [
     "log_sigmoid",
     "log_softmax",
     "logsumexp",
+    "make_attention_mask",
+    "make_causal_mask",
+    "max_pool",
     "one_hot",
     "relu",
     "relu6",

@@ -1,4 +1,4 @@
-"""Linear: ``y = x @ kernel + bias`` over the last axis, any leading batch axes."""
+"""Linear (``x @ kernel + bias`` on the last axis), Identity, Embed (lookup, tied output)."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float
+from jaxtyping import Array, ArrayLike, Float, Int
 
-from toylib._core.module import Module
+from toylib._core.module import Module, module_path
 from toylib._core.rngs import Rngs, as_rngs
 from toylib._core.variables import Param
 from toylib.nn.checks import check_features
 from toylib.nn.dtypes import promote_dtype
 
-__all__ = ["Linear", "default_kernel_init"]
+__all__ = ["Embed", "Identity", "Linear", "default_embed_init", "default_kernel_init"]
 
 # LeCun normal (variance 1/fan_in), Flax's default: keeps activations at unit
 # scale through tanh/SELU-like networks; ReLU networks train fine with it too.
@@ -74,3 +74,114 @@ class Linear(Module):
         x, kernel, bias = promote_dtype(x, self.kernel.value, bias, dtype=self.dtype)
         y = x @ kernel
         return y if bias is None else y + bias
+
+
+class Identity(Module):
+    """Returns its input unchanged: a placeholder where a layer is optional.
+
+    Both the constructor and the call accept and ignore any extra arguments,
+    so Identity can stand in for any layer class or instance without changing
+    the code that builds or calls it (``Sequential`` passes its extra call
+    arguments to its first layer; a model may call ``norm(x, mask=...)``).
+
+    Returns:
+        A Module with no state; ``identity(x, *args, **kwargs)`` is ``x``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from toylib import nn
+        >>> norm = (nn.LayerNorm if False else nn.Identity)(3, rngs=0)
+        >>> norm(jnp.ones(3), mask=None).tolist()
+        [1.0, 1.0, 1.0]
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        del args, kwargs  # accepted so Identity can replace any layer class
+
+    def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        return x
+
+
+# Variance 1/features per entry (variance scaling, fan-in along the features
+# axis), Flax's default: each embedding vector has norm about 1, and
+# ``attend`` logits start at the scale of the query.
+default_embed_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+
+NOT_INTEGER_IDS = """\
+{where}: expected integer ids (token indices), got a {dtype} array of shape {shape}.
+Fix: cast ids to an integer dtype, e.g. `embed(ids.astype(jnp.int32))`; to project
+real-valued inputs use nn.Linear, or `embed.attend(x)` for the tied output projection.
+"""
+
+
+class Embed(Module):
+    """A lookup table of ``num_embeddings`` vectors of size ``features``.
+
+    ``embed(ids)`` gathers rows of the ``embedding`` table for integer ids of
+    any shape; ``embed.attend(query)`` is ``query @ embedding.T``, the logits
+    over the vocabulary of a tied output projection. Like ``jnp.take``
+    (Flax's Embed too), negative ids count from the end and ids outside
+    ``[-num_embeddings, num_embeddings)`` give rows of NaN rather than an
+    error, which could not be raised under ``tl.jit``.
+
+    Arguments:
+        num_embeddings: the number of rows (vocabulary size).
+        features: the size of each embedding vector.
+        dtype: compute dtype (default: the parameters' dtype for lookups,
+            promotion with the query for ``attend``).
+        param_dtype: dtype the table is stored in (default float32).
+        embedding_init: initialiser of the ``(num_embeddings, features)``
+            table (default normal with variance ``1 / features``, Flax's).
+        rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
+
+    Returns:
+        A Module with an ``embedding`` ``Param``; called on integer ids of
+        shape ``S``, it gives ``(*S, features)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from toylib import nn
+        >>> embed = nn.Embed(10, 4, rngs=0)
+        >>> embed(jnp.array([[1, 2, 3]])).shape, embed.attend(jnp.ones((2, 4))).shape
+        ((1, 3, 4), (2, 10))
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        embedding_init: Any = default_embed_init,
+        rngs: Rngs | int | jax.Array,
+    ) -> None:
+        rngs = as_rngs(rngs, "Embed(rngs=...)")
+        shape = (num_embeddings, features)
+        self.embedding = Param(embedding_init(rngs.params(), shape, param_dtype))
+        self.num_embeddings = num_embeddings
+        self.features = features
+        self.dtype = dtype
+
+    def __call__(self, ids: Int[ArrayLike, "*ids"]) -> Float[Array, "*ids features"]:
+        ids = jnp.asarray(ids)
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise TypeError(
+                NOT_INTEGER_IDS.format(where=module_path(self), dtype=ids.dtype, shape=ids.shape)
+            )
+        (embedding,) = promote_dtype(self.embedding.value, dtype=self.dtype)
+        return jnp.take(embedding, ids, axis=0)
+
+    def attend(self, query: Float[ArrayLike, "*batch features"]) -> Float[Array, "*batch vocab"]:
+        """Logits over the vocabulary: ``query @ embedding.T`` (a tied output projection).
+
+        Arguments:
+            query: ``(*batch, features)`` vectors.
+
+        Returns:
+            ``(*batch, num_embeddings)`` scores, one per row of the table.
+        """
+        query = jnp.asarray(query)
+        check_features(self, query.shape, self.features, name="features")
+        query, embedding = promote_dtype(query, self.embedding.value, dtype=self.dtype)
+        return query @ embedding.T

@@ -1,19 +1,22 @@
-"""Normalisation layers: BatchNorm."""
+"""Normalisation layers: BatchNorm, LayerNorm, RMSNorm, GroupNorm."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from toylib._core.module import Module
+from toylib._core.module import Module, module_path
+from toylib._core.rngs import Rngs, as_rngs
 from toylib._core.variables import BatchStat, Param
 from toylib.nn.checks import check_features
 from toylib.nn.dtypes import promote_dtype
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "GroupNorm", "LayerNorm", "RMSNorm"]
 
 
 class BatchNorm(Module):
@@ -111,3 +114,406 @@ class BatchNorm(Module):
         if bias is not None:
             y = y + bias.reshape(feature_shape)
         return y
+
+
+# -- LayerNorm, RMSNorm, GroupNorm ---------------------------------------------------------------
+
+Axes = int | Sequence[int]
+
+BAD_AXIS = """\
+{where}: {name}={axes} is out of range for an input of shape {shape}.
+Fix: give axes in [-{ndim}, {ndim}), e.g. {name}=-1 for the last axis.
+"""
+
+WRONG_FEATURE_AXES = """\
+{where}: feature_axes={axes} of an input of shape {shape} hold {got} values, \
+but the layer was built with num_features={features}.
+Fix: num_features is the product of the feature axes' sizes: build it with \
+num_features={got}, or change feature_axes.
+"""
+
+BAD_GROUPS = """\
+GroupNorm(num_features={features}, num_groups={groups}): {features} channels \
+cannot be split into {groups} equal groups.
+Fix: pick num_groups among the divisors of {features}: {divisors}.
+"""
+
+NO_GROUPS = """\
+GroupNorm(num_features={features}): num_groups and group_size are both None.
+Fix: give one, e.g. nn.GroupNorm({features}, num_groups=1) or group_size=...
+"""
+
+BAD_GROUP_SIZE = """\
+GroupNorm(num_features={features}, group_size={size}): {features} channels \
+cannot be split into groups of {size}.
+Fix: pick group_size among the divisors of {features}: {divisors}.
+"""
+
+GROUPS_AND_SIZE = """\
+GroupNorm(num_features={features}, num_groups={groups}, group_size={size}): \
+{groups} groups of {size} channels is not {features} channels.
+Fix: give one of them; to set group_size, pass num_groups=None:
+
+    nn.GroupNorm({features}, num_groups=None, group_size={size})
+"""
+
+NEEDS_BATCH_AXIS = """\
+{where}: with num_spatial=None the first axis is the batch, so the input needs \
+at least 2 axes (batch, ..., channels); got shape {shape}.
+Fix: say how many spatial axes precede the channels; every axis before them is \
+batch (none, one or several, e.g. under tl.vmap):
+
+    nn.GroupNorm({features}, num_groups={groups}, num_spatial=0)   # (*batch, channels)
+    nn.GroupNorm({features}, num_groups={groups}, num_spatial=2)   # (*batch, h, w, channels)
+"""
+
+
+def _as_axes(axes: Axes) -> tuple[int, ...]:
+    # A tuple keeps the attribute hashable (static) whatever the caller passed.
+    return tuple(int(a) for a in axes) if isinstance(axes, Iterable) else (int(axes),)
+
+
+def _canonical_axes(module: Module, axes: tuple[int, ...], shape: tuple, name: str) -> tuple:
+    ndim = len(shape)
+    if not all(-ndim <= a < ndim for a in axes):
+        spelled = axes[0] if len(axes) == 1 else axes
+        raise ValueError(
+            BAD_AXIS.format(
+                where=module_path(module), name=name, axes=spelled, shape=shape, ndim=ndim
+            )
+        )
+    return tuple(sorted({a % ndim for a in axes}))
+
+
+def _check_feature_axes(
+    module: Module, shape: tuple, num_features: int, feature_axes: tuple[int, ...]
+) -> None:
+    if len(feature_axes) == 1:
+        check_features(module, shape, num_features, name="num_features", axis=feature_axes[0])
+        return
+    axes = _canonical_axes(module, feature_axes, shape, "feature_axes")
+    got = math.prod(shape[a] for a in axes)
+    if got != num_features:
+        raise ValueError(
+            WRONG_FEATURE_AXES.format(
+                where=module_path(module),
+                axes=feature_axes,
+                shape=shape,
+                got=got,
+                features=num_features,
+            )
+        )
+
+
+def _init_keys(rngs: Rngs | int | jax.Array | None, where: str) -> Callable[[], jax.Array]:
+    """Keys for the initialisers: from ``rngs.params``, or a fixed key without rngs.
+
+    The default initialisers (ones, zeros) ignore the key, so the norm layers
+    need no ``rngs``; a random custom initialiser wants one.
+    """
+    if rngs is None:
+        return lambda: jax.random.key(0)
+    return as_rngs(rngs, where).params
+
+
+def _stats_input(x: Array) -> Array:
+    # Mean and variance in at least float32: in bfloat16 (8 bits of mantissa)
+    # they lose too much; float64 and wider inputs are kept as they are.
+    return jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _compute_dtype(x: Array) -> Array:
+    # An integer input with no float parameters (use_scale=use_bias=False)
+    # still gives a float result.
+    return x if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.asarray(x, jnp.float32)
+
+
+def _feature_shape(shape: tuple, features: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(n if i in features else 1 for i, n in enumerate(shape))
+
+
+class LayerNorm(Module):
+    """Layer normalisation: ``(x - mean) / sqrt(var + epsilon) * scale + bias``.
+
+    ``mean`` and the (biased) ``var`` are taken over ``reduction_axes`` of
+    each example. The input is cast to the compute dtype, then normalised,
+    scaled and shifted in at least float32 (as Flax does: bfloat16 statistics
+    lose too much), and the result is cast back to the compute dtype. ``scale``
+    and ``bias`` hold ``num_features`` values, broadcast along
+    ``feature_axes`` (several feature axes: ``num_features`` is the product of
+    their sizes, the parameters are stored flat, as Flax does).
+
+    Arguments:
+        num_features: size of the feature axis (the product, for several).
+        epsilon: added to the variance (default 1e-6, Flax's; PyTorch uses 1e-5).
+        use_bias, use_scale: learn a shift ``bias`` / a factor ``scale`` (default True).
+        reduction_axes: axes the statistics are taken over (default -1).
+        feature_axes: axes ``scale`` and ``bias`` vary along (default -1).
+        dtype: compute dtype (default: promote input and parameters).
+        param_dtype: dtype the parameters are stored in (default float32).
+        scale_init, bias_init: initialisers (default ones and zeros).
+        rngs: ``tl.Rngs``, an int seed or a key, only needed by a random
+            initialiser (without it the initialisers get a fixed key).
+
+    Returns:
+        A Module called on ``(*batch, num_features)`` arrays (by default),
+        giving an array of the same shape in the compute dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from toylib import nn
+        >>> y = nn.LayerNorm(4)(jnp.array([[1.0, 2.0, 3.0, 6.0]]))
+        >>> round(float(y.mean()), 4), round(float(y.var()), 4)
+        (0.0, 1.0)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        reduction_axes: Axes = -1,
+        feature_axes: Axes = -1,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        scale_init: Any = jax.nn.initializers.ones,
+        bias_init: Any = jax.nn.initializers.zeros,
+        rngs: Rngs | int | jax.Array | None = None,
+    ) -> None:
+        key = _init_keys(rngs, "LayerNorm(rngs=...)")
+        shape = (num_features,)
+        self.scale = Param(scale_init(key(), shape, param_dtype)) if use_scale else None
+        self.bias = Param(bias_init(key(), shape, param_dtype)) if use_bias else None
+        self.num_features = num_features
+        self.epsilon = epsilon
+        self.reduction_axes = _as_axes(reduction_axes)
+        self.feature_axes = _as_axes(feature_axes)
+        self.dtype = dtype
+
+    def __call__(self, x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+        x = jnp.asarray(x)
+        _check_feature_axes(self, x.shape, self.num_features, self.feature_axes)
+        reduce = _canonical_axes(self, self.reduction_axes, x.shape, "reduction_axes")
+        features = _canonical_axes(self, self.feature_axes, x.shape, "feature_axes")
+        scale = None if self.scale is None else self.scale.value
+        bias = None if self.bias is None else self.bias.value
+        x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
+        x = _compute_dtype(x)
+        stats = _stats_input(x)
+        # Two passes (mean, then mean squared deviation): E[x^2] - E[x]^2
+        # cancels badly for inputs far from zero.
+        centred = stats - stats.mean(reduce, keepdims=True)
+        y = centred * jax.lax.rsqrt(jnp.square(centred).mean(reduce, keepdims=True) + self.epsilon)
+        shape = _feature_shape(x.shape, features)
+        if scale is not None:
+            y = y * scale.reshape(shape)
+        if bias is not None:
+            y = y + bias.reshape(shape)
+        return y.astype(x.dtype)
+
+
+class RMSNorm(Module):
+    """Root-mean-square normalisation: ``x / sqrt(mean(x**2) + epsilon) * scale``.
+
+    Like LayerNorm without centring and without a bias (Zhang & Sennrich,
+    2019). The mean square is taken over ``reduction_axes`` in at least
+    float32; ``scale`` holds ``num_features`` values broadcast along
+    ``feature_axes``.
+
+    Arguments:
+        num_features: size of the feature axis (the product, for several).
+        epsilon: added to the mean square (default 1e-6, Flax's; PyTorch's
+            ``RMSNorm`` uses the dtype's machine epsilon).
+        use_scale: learn a factor ``scale`` (default True).
+        reduction_axes: axes the mean square is taken over (default -1).
+        feature_axes: axes ``scale`` varies along (default -1).
+        dtype: compute dtype (default: promote input and parameters).
+        param_dtype: dtype the parameters are stored in (default float32).
+        scale_init: initialiser of ``scale`` (default ones).
+        rngs: ``tl.Rngs``, an int seed or a key, only needed by a random
+            initialiser (without it the initialiser gets a fixed key).
+
+    Returns:
+        A Module called on ``(*batch, num_features)`` arrays (by default),
+        giving an array of the same shape in the compute dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from toylib import nn
+        >>> y = nn.RMSNorm(2)(jnp.array([3.0, 4.0]))
+        >>> [round(v, 4) for v in (y**2).mean(keepdims=True).tolist()]
+        [1.0]
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        use_scale: bool = True,
+        reduction_axes: Axes = -1,
+        feature_axes: Axes = -1,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        scale_init: Any = jax.nn.initializers.ones,
+        rngs: Rngs | int | jax.Array | None = None,
+    ) -> None:
+        key = _init_keys(rngs, "RMSNorm(rngs=...)")
+        shape = (num_features,)
+        self.scale = Param(scale_init(key(), shape, param_dtype)) if use_scale else None
+        self.num_features = num_features
+        self.epsilon = epsilon
+        self.reduction_axes = _as_axes(reduction_axes)
+        self.feature_axes = _as_axes(feature_axes)
+        self.dtype = dtype
+
+    def __call__(self, x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+        x = jnp.asarray(x)
+        _check_feature_axes(self, x.shape, self.num_features, self.feature_axes)
+        reduce = _canonical_axes(self, self.reduction_axes, x.shape, "reduction_axes")
+        features = _canonical_axes(self, self.feature_axes, x.shape, "feature_axes")
+        scale = None if self.scale is None else self.scale.value
+        x, scale = promote_dtype(x, scale, dtype=self.dtype)
+        x = _compute_dtype(x)
+        stats = _stats_input(x)
+        mean_square = jnp.square(stats).mean(reduce, keepdims=True)
+        y = stats * jax.lax.rsqrt(mean_square + self.epsilon)
+        if scale is not None:
+            y = y * scale.reshape(_feature_shape(x.shape, features))
+        return y.astype(x.dtype)
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+class GroupNorm(Module):
+    """Group normalisation (Wu & He, 2018) of channels-last ``(*batch, *spatial, C)`` inputs.
+
+    The ``C`` channels are split into ``num_groups`` groups of consecutive
+    channels; each example is normalised per group, with the mean and
+    (biased) variance taken over the spatial axes and the group's channels,
+    in at least float32. ``scale`` and ``bias`` are per channel.
+    ``num_groups=1`` is LayerNorm over all non-batch axes; ``num_groups=C``
+    is instance normalisation.
+
+    Which axes are batch: with ``num_spatial=None`` (the default, Flax's
+    convention) the first axis is the batch and every axis between it and
+    the channels is spatial, so the input needs at least 2 axes. With
+    ``num_spatial=k`` the ``k`` axes before the channels are spatial and all
+    axes before them are batch: zero, one or several, as under ``tl.vmap``
+    where the layer sees one example (``num_spatial=2`` for images).
+
+    Arguments:
+        num_features: the number of channels ``C`` (last axis).
+        num_groups: the number of groups (default 32); must divide ``C``.
+        group_size: channels per group, instead of ``num_groups`` (pass
+            ``num_groups=None``, or a consistent ``num_groups``).
+        num_spatial: the number of spatial axes, or None (see above).
+        epsilon: added to the variance (default 1e-6, Flax's; PyTorch uses 1e-5).
+        use_bias, use_scale: learn a shift ``bias`` / a factor ``scale`` (default True).
+        dtype: compute dtype (default: promote input and parameters).
+        param_dtype: dtype the parameters are stored in (default float32).
+        scale_init, bias_init: initialisers (default ones and zeros).
+        rngs: ``tl.Rngs``, an int seed or a key, only needed by a random
+            initialiser (without it the initialisers get a fixed key).
+
+    Returns:
+        A Module called on ``(*batch, *spatial, num_features)`` arrays, giving
+        an array of the same shape in the compute dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from toylib import nn
+        >>> gn = nn.GroupNorm(4, num_groups=2)
+        >>> y = gn(jnp.arange(24.0).reshape(1, 3, 2, 4))   # (batch, h, w, channels)
+        >>> y.shape, round(float(y[..., :2].mean()), 4), round(float(y[..., :2].var()), 4)
+        ((1, 3, 2, 4), 0.0, 1.0)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        num_groups: int | None = 32,
+        group_size: int | None = None,
+        num_spatial: int | None = None,
+        epsilon: float = 1e-6,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        scale_init: Any = jax.nn.initializers.ones,
+        bias_init: Any = jax.nn.initializers.zeros,
+        rngs: Rngs | int | jax.Array | None = None,
+    ) -> None:
+        divisors = _divisors(num_features)
+        if group_size is not None:
+            if group_size <= 0 or num_features % group_size:
+                raise ValueError(
+                    BAD_GROUP_SIZE.format(features=num_features, size=group_size, divisors=divisors)
+                )
+            if num_groups is not None and num_groups * group_size != num_features:
+                raise ValueError(
+                    GROUPS_AND_SIZE.format(
+                        features=num_features, groups=num_groups, size=group_size
+                    )
+                )
+            num_groups = num_features // group_size
+        elif num_groups is None:
+            raise ValueError(NO_GROUPS.format(features=num_features))
+        elif num_groups <= 0 or num_features % num_groups:
+            raise ValueError(
+                BAD_GROUPS.format(features=num_features, groups=num_groups, divisors=divisors)
+            )
+        if num_spatial is not None and num_spatial < 0:
+            raise ValueError(f"GroupNorm(num_spatial={num_spatial}): must be >= 0 or None.")
+        key = _init_keys(rngs, "GroupNorm(rngs=...)")
+        shape = (num_features,)
+        self.scale = Param(scale_init(key(), shape, param_dtype)) if use_scale else None
+        self.bias = Param(bias_init(key(), shape, param_dtype)) if use_bias else None
+        self.num_features = num_features
+        self.num_groups = num_groups
+        self.group_size = num_features // num_groups
+        self.num_spatial = num_spatial
+        self.epsilon = epsilon
+        self.dtype = dtype
+
+    def __call__(
+        self, x: Float[ArrayLike, "*batch_and_spatial C"]
+    ) -> Float[Array, "*batch_and_spatial C"]:
+        x = jnp.asarray(x)
+        spatial = self.num_spatial
+        if spatial is None:
+            check_features(self, x.shape, self.num_features, name="num_features")
+            if x.ndim < 2:
+                raise ValueError(
+                    NEEDS_BATCH_AXIS.format(
+                        where=module_path(self),
+                        shape=x.shape,
+                        features=self.num_features,
+                        groups=self.num_groups,
+                    )
+                )
+            spatial = x.ndim - 2
+        else:
+            check_features(self, x.shape, self.num_features, name="num_features", spatial=spatial)
+        scale = None if self.scale is None else self.scale.value
+        bias = None if self.bias is None else self.bias.value
+        x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
+        x = _compute_dtype(x)
+        grouped = _stats_input(x).reshape(*x.shape[:-1], self.num_groups, self.group_size)
+        # grouped is (*batch, *spatial, groups, group_size): reduce over the
+        # spatial axes and group_size, keep batch and groups.
+        first_spatial = x.ndim - 1 - spatial
+        reduce = (*range(first_spatial, x.ndim - 1), x.ndim)
+        centred = grouped - grouped.mean(reduce, keepdims=True)
+        var = jnp.square(centred).mean(reduce, keepdims=True)
+        y = (centred * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        if scale is not None:
+            y = y * scale
+        if bias is not None:
+            y = y + bias
+        return y.astype(x.dtype)

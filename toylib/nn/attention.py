@@ -1,0 +1,640 @@
+"""Attention: masks, dot-product attention and MultiHeadAttention (with a KV cache).
+
+Shapes follow Flax: inputs are ``(*batch, length, features)``; projected
+queries, keys and values are ``(*batch, length, heads, head_dim)``; attention
+weights and masks are ``(*batch, heads, q_length, kv_length)``, and a mask may
+be anything that broadcasts to that (``make_causal_mask`` and
+``make_attention_mask`` give ``(*batch, 1, q_length, kv_length)``). A mask is
+boolean: True keeps a position, False hides it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Float, Shaped
+
+from toylib._core.module import Module, module_path
+from toylib._core.rngs import Rngs, RngStream, as_key, as_rngs
+from toylib._core.variables import Cache, Param
+from toylib.nn.checks import check_features
+from toylib.nn.dtypes import promote_dtype
+from toylib.nn.linear import default_kernel_init
+
+__all__ = [
+    "MergeHeads",
+    "MultiHeadAttention",
+    "ProjectHeads",
+    "dot_product_attention",
+    "dot_product_attention_weights",
+    "make_attention_mask",
+    "make_causal_mask",
+]
+
+BAD_HEADS = """\
+MultiHeadAttention: qkv_features={qkv} must be divisible by num_heads={heads}
+(each head gets qkv_features // num_heads features).
+Fix: pick sizes that divide, e.g.
+
+    nn.MultiHeadAttention({heads}, in_features, qkv_features={suggest}, rngs=rngs)
+"""
+
+BAD_MASK = """\
+dot_product_attention: a mask of shape {mask} does not broadcast to the attention
+weights' shape {weights} (*batch, heads, q_length, kv_length).
+Fix: give the mask a heads axis (of size 1) before the two length axes, as
+nn.make_attention_mask and nn.make_causal_mask do: (*batch, 1, q_length, kv_length).
+"""
+
+NO_LENGTH = """\
+{where}: expected input of shape (*batch, length, {features}), got {shape}: there is
+no length axis.
+Fix: add one, e.g. `x[None]` for a single token, or `x[..., None, :]` for a batch of them.
+"""
+
+V_WITHOUT_K = """\
+MultiHeadAttention: got `v` but no `k`. `k` defaults to `q` and `v` to `k`, so a
+lone `v` is most likely a mistake.
+Fix: pass both, `attn(q, k, v)`, or only `k` to use it as the values too: `attn(q, k)`.
+"""
+
+LENGTH_MISMATCH = """\
+{where}: keys and values must have the same length, got k of shape {k} and v of
+shape {v}.
+"""
+
+NO_DROPOUT_RNGS = """\
+MultiHeadAttention(dropout_rate={rate}) needs random keys in training mode, but has no
+stream.
+Fix: give it one when building it, or per call, or switch to evaluation:
+
+    nn.MultiHeadAttention(..., dropout_rate={rate}, rngs=rngs)   # keeps rngs.dropout
+    attn(x, rngs=rngs)                 # or model.eval() / deterministic=True
+"""
+
+NO_CACHE = """\
+{where}: decode=True but the KV cache is not allocated.
+Fix: allocate it once before decoding (it holds max_length positions):
+
+    attn.init_cache((batch, max_length, {features}))
+"""
+
+CACHE_MISMATCH = """\
+{where}: decoding with a cache built for batch {batch} and {max_len} positions, but
+the new tokens have shape {shape} (*batch, new_tokens, features).
+Fix: feed (*batch, new_tokens, features) with the cache's batch shape and at most
+{max_len} new tokens, or call init_cache again with the right shape.
+"""
+
+DECODE_K_LENGTH = """\
+{where}: decode=True writes the keys and values of the new tokens into the cache at
+the query's positions, so k and v must have the query's length ({q_len}), got {k_len}.
+"""
+
+BAD_CACHE_SHAPE = """\
+MultiHeadAttention.init_cache: expected a shape (*batch, max_length, {features}),
+got {shape}.
+"""
+
+
+# -- masks ---------------------------------------------------------------------------------
+
+
+def make_attention_mask(
+    query_input: Shaped[ArrayLike, "*batch q"],
+    key_input: Shaped[ArrayLike, "*batch kv"],
+    pairwise_fn: Callable[[Array, Array], Array] = jnp.multiply,
+) -> Bool[Array, "*batch 1 q kv"]:
+    """A boolean mask from a pairwise function of query and key positions.
+
+    The usual use is padding: ``make_attention_mask(tokens > 0, tokens > 0)``
+    lets a query attend to a key only when both are real tokens.
+
+    Arguments:
+        query_input: one value per query position, ``(*batch, q_length)``.
+        key_input: one value per key position, ``(*batch, kv_length)``.
+        pairwise_fn: combines them, broadcasting (default ``jnp.multiply``,
+            an ``and`` for booleans); a nonzero result keeps the pair.
+
+    Returns:
+        A boolean ``(*batch, 1, q_length, kv_length)`` mask (the ``1`` is the
+        heads axis: every head sees the same mask).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from toylib import nn
+        >>> valid = jnp.array([True, True, False])
+        >>> nn.make_attention_mask(valid, valid).astype(int).tolist()
+        [[[1, 1, 0], [1, 1, 0], [0, 0, 0]]]
+    """
+    query_input, key_input = jnp.asarray(query_input), jnp.asarray(key_input)
+    pairs = pairwise_fn(query_input[..., :, None], key_input[..., None, :])
+    return jnp.asarray(pairs).astype(jnp.bool_)[..., None, :, :]
+
+
+def make_causal_mask(tokens: Shaped[ArrayLike, "*batch length"]) -> Bool[Array, "*batch 1 L L"]:
+    """A causal mask: position ``i`` attends to positions ``j <= i`` only.
+
+    Arguments:
+        tokens: any array of shape ``(*batch, length)``; only its shape is used.
+
+    Returns:
+        A boolean ``(*batch, 1, length, length)`` lower-triangular mask.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from toylib import nn
+        >>> nn.make_causal_mask(jnp.zeros((2, 3))).shape
+        (2, 1, 3, 3)
+        >>> nn.make_causal_mask(jnp.zeros(3)).astype(int).tolist()
+        [[[1, 0, 0], [1, 1, 0], [1, 1, 1]]]
+    """
+    shape = jnp.shape(tokens)
+    if not shape:
+        raise ValueError("make_causal_mask: expected tokens of shape (*batch, length), got ().")
+    position = jnp.arange(shape[-1])
+    causal = position[:, None] >= position[None, :]
+    return jnp.broadcast_to(causal, (*shape[:-1], 1, shape[-1], shape[-1]))
+
+
+# -- attention functions ------------------------------------------------------------------
+
+
+def dot_product_attention_weights(
+    query: Float[ArrayLike, "*batch q heads d"],
+    key: Float[ArrayLike, "*batch kv heads d"],
+    mask: Shaped[ArrayLike, "..."] | None = None,
+    *,
+    bias: Float[ArrayLike, "..."] | None = None,
+    dtype: Any = None,
+) -> Float[Array, "*batch heads q kv"]:
+    """Softmax attention weights ``softmax(q k^T / sqrt(d) + bias)``, masked.
+
+    Masked-out pairs get the most negative finite logit, so a query whose keys
+    are all masked attends uniformly (no NaN), as in Flax. The softmax runs in
+    at least float32 even for bfloat16 inputs: its exponentials and sum are
+    where low precision hurts; the weights come back in the compute dtype.
+
+    Arguments:
+        query: ``(*batch, q_length, heads, head_dim)``.
+        key: ``(*batch, kv_length, heads, head_dim)``.
+        mask: broadcastable to ``(*batch, heads, q_length, kv_length)``;
+            True (nonzero) keeps a pair.
+        bias: added to the logits before masking (same broadcasting).
+        dtype: compute dtype (default: promote query and key).
+
+    Returns:
+        Weights of shape ``(*batch, heads, q_length, kv_length)`` summing to 1
+        over the last axis.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from toylib import nn
+        >>> w = nn.dot_product_attention_weights(jnp.ones((4, 2, 8)), jnp.ones((5, 2, 8)))
+        >>> w.shape, float(w.sum(-1).mean())
+        ((2, 4, 5), 1.0)
+    """
+    query, key = promote_dtype(query, key, dtype=dtype)
+    compute = query.dtype
+    # Scale the query (Lq x d values), not the logits (Lq x Lk values).
+    query = query / jnp.asarray(math.sqrt(query.shape[-1]), compute)
+    logits = jnp.einsum("...qhd,...khd->...hqk", query, key)
+    logits = logits.astype(jnp.promote_types(compute, jnp.float32))
+    if bias is not None:
+        logits = logits + jnp.asarray(bias, logits.dtype)
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        try:
+            fits = jnp.broadcast_shapes(mask.shape, logits.shape) == logits.shape
+        except ValueError:
+            fits = False
+        if not fits:
+            raise ValueError(BAD_MASK.format(mask=mask.shape, weights=logits.shape))
+        logits = jnp.where(mask.astype(jnp.bool_), logits, jnp.finfo(logits.dtype).min)
+    return jax.nn.softmax(logits, axis=-1).astype(compute)
+
+
+def dot_product_attention(
+    query: Float[ArrayLike, "*batch q heads d"],
+    key: Float[ArrayLike, "*batch kv heads d"],
+    value: Float[ArrayLike, "*batch kv heads dv"],
+    mask: Shaped[ArrayLike, "..."] | None = None,
+    *,
+    bias: Float[ArrayLike, "..."] | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    broadcast_dropout: bool = True,
+    dtype: Any = None,
+) -> Float[Array, "*batch q heads dv"]:
+    """Scaled dot-product attention: ``softmax(q k^T / sqrt(d)) v`` per head.
+
+    Arguments:
+        query: ``(*batch, q_length, heads, head_dim)``.
+        key: ``(*batch, kv_length, heads, head_dim)``.
+        value: ``(*batch, kv_length, heads, v_head_dim)``.
+        mask: broadcastable to ``(*batch, heads, q_length, kv_length)``;
+            True (nonzero) keeps a pair.
+        bias: added to the logits before masking.
+        dropout_rate: probability of dropping an attention weight (the kept
+            ones are scaled by ``1 / (1 - rate)``); 0 disables dropout.
+        dropout_rng: the key for dropout; required when ``dropout_rate > 0``.
+        broadcast_dropout: share one dropout mask over the batch and head
+            axes (default True, as in Flax).
+        dtype: compute dtype (default: promote query, key and value).
+
+    Returns:
+        ``(*batch, q_length, heads, v_head_dim)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from toylib import nn
+        >>> q = jnp.ones((2, 4, 3, 8))                  # batch 2, 4 queries, 3 heads
+        >>> kv = jnp.ones((2, 6, 3, 8))                 # 6 keys/values
+        >>> nn.dot_product_attention(q, kv, kv).shape
+        (2, 4, 3, 8)
+    """
+    query, key, value = promote_dtype(query, key, value, dtype=dtype)
+    weights = dot_product_attention_weights(query, key, mask, bias=bias)
+    if dropout_rate >= 1.0:
+        weights = jnp.zeros_like(weights)
+    elif dropout_rate > 0.0:
+        if dropout_rng is None:
+            raise ValueError(
+                f"dot_product_attention: dropout_rate={dropout_rate} needs dropout_rng=key."
+            )
+        shape = weights.shape
+        if broadcast_dropout:
+            shape = (1,) * (weights.ndim - 2) + shape[-2:]
+        # Draw the bits flat and reshape: the same values (with JAX's default
+        # partitionable threefry) but XLA:CPU compiles a rank-4 draw several
+        # times slower (seconds for a (2, 3, 5, 7) mask, JAX 0.10).
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (math.prod(shape),))
+        keep = keep.reshape(shape)
+        scaled = weights / jnp.asarray(1.0 - dropout_rate, weights.dtype)
+        weights = jnp.where(keep, scaled, jnp.zeros((), weights.dtype))
+    return jnp.einsum("...hqk,...khd->...qhd", weights, value)
+
+
+# -- projections --------------------------------------------------------------------------
+
+
+class ProjectHeads(Module):
+    """A dense layer onto heads: ``(*batch, in) -> (*batch, heads, head_dim)``.
+
+    The kernel has shape ``(in_features, num_heads, head_dim)`` (Flax's
+    ``LinearGeneral`` layout for attention), so each head's slice can be
+    sharded or inspected on its own. ``kernel_init`` is called with the
+    equivalent dense shape ``(in_features, num_heads * head_dim)`` and the
+    result reshaped, so fan-in based initialisers see ``in_features``.
+
+    Arguments:
+        in_features: size of the input's last axis.
+        num_heads, head_dim: the output's two last axes.
+        use_bias, dtype, param_dtype, kernel_init, bias_init, rngs: as in ``nn.Linear``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from toylib.nn.attention import ProjectHeads
+        >>> ProjectHeads(5, 2, 3, rngs=0)(jnp.ones((4, 5))).shape
+        (4, 2, 3)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        kernel_init: Any = default_kernel_init,
+        bias_init: Any = jax.nn.initializers.zeros,
+        rngs: Rngs | int | jax.Array,
+    ) -> None:
+        rngs = as_rngs(rngs, "ProjectHeads(rngs=...)")
+        features = num_heads * head_dim
+        kernel = kernel_init(rngs.params(), (in_features, features), param_dtype)
+        self.kernel = Param(jnp.reshape(kernel, (in_features, num_heads, head_dim)))
+        self.bias = (
+            Param(jnp.reshape(bias_init(rngs.params(), (features,), param_dtype), (num_heads, -1)))
+            if use_bias
+            else None
+        )
+        self.in_features = in_features
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+
+    def __call__(self, x: Float[ArrayLike, "*batch in"]) -> Float[Array, "*batch heads head_dim"]:
+        x = jnp.asarray(x)
+        check_features(self, x.shape, self.in_features)
+        bias = None if self.bias is None else self.bias.value
+        x, kernel, bias = promote_dtype(x, self.kernel.value, bias, dtype=self.dtype)
+        y = jnp.einsum("...f,fhd->...hd", x, kernel)
+        return y if bias is None else y + bias
+
+
+class MergeHeads(Module):
+    """A dense layer from heads: ``(*batch, heads, head_dim) -> (*batch, out)``.
+
+    The kernel has shape ``(num_heads, head_dim, out_features)``;
+    ``kernel_init`` sees the dense shape ``(num_heads * head_dim, out_features)``.
+
+    Arguments:
+        num_heads, head_dim: the input's two last axes.
+        out_features: size of the output's last axis.
+        use_bias, dtype, param_dtype, kernel_init, bias_init, rngs: as in ``nn.Linear``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from toylib.nn.attention import MergeHeads
+        >>> MergeHeads(2, 3, 5, rngs=0)(jnp.ones((4, 2, 3))).shape
+        (4, 5)
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        kernel_init: Any = default_kernel_init,
+        bias_init: Any = jax.nn.initializers.zeros,
+        rngs: Rngs | int | jax.Array,
+    ) -> None:
+        rngs = as_rngs(rngs, "MergeHeads(rngs=...)")
+        kernel = kernel_init(rngs.params(), (num_heads * head_dim, out_features), param_dtype)
+        self.kernel = Param(jnp.reshape(kernel, (num_heads, head_dim, out_features)))
+        self.bias = (
+            Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
+        )
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.out_features = out_features
+        self.dtype = dtype
+
+    def __call__(self, x: Float[ArrayLike, "*batch heads head_dim"]) -> Float[Array, "*batch out"]:
+        x = jnp.asarray(x)
+        check_features(self, x.shape, self.head_dim, name="head_dim")
+        check_features(self, x.shape, self.num_heads, name="num_heads", axis=-2)
+        bias = None if self.bias is None else self.bias.value
+        x, kernel, bias = promote_dtype(x, self.kernel.value, bias, dtype=self.dtype)
+        y = jnp.einsum("...hd,hdo->...o", x, kernel)
+        return y if bias is None else y + bias
+
+
+# -- the layer ----------------------------------------------------------------------------
+
+
+class MultiHeadAttention(Module):
+    """Multi-head dot-product attention, with optional dropout and a decoding KV cache.
+
+    ``attn(q)`` is self-attention; ``attn(q, k)`` attends from ``q`` to ``k``
+    (used as the values too); ``attn(q, k, v)`` takes all three. The inputs
+    are projected by the ``query``, ``key`` and ``value`` sub-layers
+    (``ProjectHeads``, kernels ``(in, heads, head_dim)``), attended with
+    ``nn.dot_product_attention`` and projected back by ``out``
+    (``MergeHeads``, kernel ``(heads, head_dim, out)``): Flax's layout, so
+    weights copy one to one from ``flax.nnx.MultiHeadAttention``.
+
+    Dropout on the attention weights (``dropout_rate > 0``) draws keys from
+    the ``rngs.dropout`` stream the layer was built with (``rngs.default``
+    without one), like ``nn.Dropout``; a call may pass ``rngs=`` to override,
+    and ``deterministic=True`` (set by ``model.eval()``) turns it off.
+
+    Decoding: set ``decode=True`` (a plain attribute) and call
+    ``init_cache((*batch, max_length, in_features))`` once. Each call then
+    takes the next token(s) ``(*batch, n, in_features)``, writes their keys
+    and values into the ``Cache`` Variables ``cached_key``/``cached_value``
+    at ``cache_index``, attends causally over everything cached so far and
+    advances ``cache_index`` by ``n``. Token-by-token (or chunked) decoding
+    gives the full causal forward pass. Inside ``tl.jit`` the cache is
+    updated in place and carried out. Writing past ``max_length`` is not
+    detected (the index is usually traced, and checking it would block on
+    the device): ``lax.dynamic_update_slice`` then clamps the write to the
+    last positions, so keep count of the tokens yourself.
+
+    Arguments:
+        num_heads: number of attention heads.
+        in_features: size of the query input's last axis.
+        qkv_features: total size of the projected queries/keys/values
+            (default ``in_features``); must be divisible by ``num_heads``.
+        out_features: size of the output's last axis (default ``in_features``).
+        in_kv_features: size of the key/value inputs' last axis (default
+            ``in_features``), for cross-attention to a wider or narrower memory.
+        dropout_rate: dropout on the attention weights (default 0).
+        broadcast_dropout: share the dropout mask over batch and heads (default True).
+        deterministic: start in evaluation mode (default False, training).
+        decode: start in decoding mode (default False).
+        use_bias: biases in the four projections (default True).
+        dtype: compute dtype (default: promote inputs and parameters).
+        param_dtype: dtype the parameters are stored in (default float32).
+        kernel_init: initialiser of the projection kernels (default LeCun
+            normal on the equivalent dense shape).
+        bias_init: initialiser of the biases (default zeros).
+        rngs: ``tl.Rngs``, an int seed or a key; ``params`` draws the weights
+            and ``dropout`` is kept when ``dropout_rate > 0``.
+
+    Returns:
+        A Module called as ``attn(q, k=None, v=None, *, mask=None,
+        deterministic=None, rngs=None)`` on ``(*batch, length, features)``
+        inputs, giving ``(*batch, q_length, out_features)``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from toylib import nn
+        >>> attn = nn.MultiHeadAttention(2, 8, rngs=0)
+        >>> x = jnp.ones((3, 5, 8))                          # batch 3, length 5
+        >>> attn(x, mask=nn.make_causal_mask(jnp.ones((3, 5)))).shape
+        (3, 5, 8)
+        >>> attn.init_cache((3, 5, 8)); attn.decode = True
+        >>> attn(x[:, :1]).shape, int(attn.cache_index.value)   # one token at a time
+        ((3, 1, 8), 1)
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        in_features: int,
+        *,
+        qkv_features: int | None = None,
+        out_features: int | None = None,
+        in_kv_features: int | None = None,
+        dropout_rate: float = 0.0,
+        broadcast_dropout: bool = True,
+        deterministic: bool = False,
+        decode: bool = False,
+        use_bias: bool = True,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        kernel_init: Any = default_kernel_init,
+        bias_init: Any = jax.nn.initializers.zeros,
+        rngs: Rngs | int | jax.Array,
+    ) -> None:
+        rngs = as_rngs(rngs, "MultiHeadAttention(rngs=...)")
+        qkv_features = in_features if qkv_features is None else qkv_features
+        out_features = in_features if out_features is None else out_features
+        in_kv_features = in_features if in_kv_features is None else in_kv_features
+        if num_heads < 1 or qkv_features % num_heads:
+            suggest = max(num_heads, round(qkv_features / max(num_heads, 1)) * num_heads)
+            raise ValueError(BAD_HEADS.format(qkv=qkv_features, heads=num_heads, suggest=suggest))
+        if not 0.0 <= dropout_rate <= 1.0:
+            raise ValueError(f"MultiHeadAttention(dropout_rate={dropout_rate}): must be in [0, 1].")
+        head_dim = qkv_features // num_heads
+        common = dict(
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=kernel_init,
+            bias_init=bias_init,
+            rngs=rngs,
+        )
+        self.query = ProjectHeads(in_features, num_heads, head_dim, **common)
+        self.key = ProjectHeads(in_kv_features, num_heads, head_dim, **common)
+        self.value = ProjectHeads(in_kv_features, num_heads, head_dim, **common)
+        self.out = MergeHeads(num_heads, head_dim, out_features, **common)
+        # Keep the stream (not a key), as nn.Dropout does: every training call
+        # draws a fresh key and the counter lives in the user's Rngs.
+        self.rngs = rngs.dropout if dropout_rate > 0.0 else None
+        self.cached_key: Cache | None = None
+        self.cached_value: Cache | None = None
+        self.cache_index: Cache | None = None
+        self.num_heads = num_heads
+        self.in_features = in_features
+        self.in_kv_features = in_kv_features
+        self.qkv_features = qkv_features
+        self.out_features = out_features
+        self.head_dim = head_dim
+        self.dropout_rate = dropout_rate
+        self.broadcast_dropout = broadcast_dropout
+        self.deterministic = deterministic
+        self.decode = decode
+        self.dtype = dtype
+
+    def __call__(
+        self,
+        q: Float[ArrayLike, "*batch q_len in"],
+        k: Float[ArrayLike, "*batch kv_len kv_in"] | None = None,
+        v: Float[ArrayLike, "*batch kv_len kv_in"] | None = None,
+        *,
+        mask: Shaped[ArrayLike, "..."] | None = None,
+        deterministic: bool | None = None,
+        rngs: Rngs | RngStream | jax.Array | None = None,
+    ) -> Float[Array, "*batch q_len out"]:
+        """Attend from ``q`` to ``k``/``v``; ``mask`` broadcasts to ``(*batch, heads, Lq, Lk)``."""
+        if k is None and v is not None:
+            raise ValueError(V_WITHOUT_K)
+        q = jnp.asarray(q)
+        k = q if k is None else jnp.asarray(k)
+        v = k if v is None else jnp.asarray(v)
+        self._check_input(q, self.in_features, "in_features")
+        self._check_input(k, self.in_kv_features, "in_kv_features")
+        self._check_input(v, self.in_kv_features, "in_kv_features")
+        if k.shape[-2] != v.shape[-2]:
+            raise ValueError(LENGTH_MISMATCH.format(where=module_path(self), k=k.shape, v=v.shape))
+        if self.decode:
+            self._check_decode(q.shape, k.shape)
+        query, key, value = self.query(q), self.key(k), self.value(v)
+        if self.decode:
+            key, value, mask = self._decode_step(key, value, mask)
+        deterministic = self.deterministic if deterministic is None else deterministic
+        rate = 0.0 if deterministic else self.dropout_rate
+        dropout_rng = self._dropout_key(rngs) if 0.0 < rate < 1.0 else None
+        x = dot_product_attention(
+            query,
+            key,
+            value,
+            mask,
+            dropout_rate=rate,
+            dropout_rng=dropout_rng,
+            broadcast_dropout=self.broadcast_dropout,
+            dtype=self.dtype,
+        )
+        return self.out(x)
+
+    def init_cache(self, input_shape: tuple[int, ...], dtype: Any = None) -> None:
+        """Allocate the decoding cache for inputs of shape ``(*batch, max_length, in_features)``.
+
+        Creates ``cached_key`` and ``cached_value`` (``Cache`` Variables of
+        shape ``(*batch, max_length, num_heads, head_dim)``, zeros) and
+        ``cache_index`` (int32 0). Calling it again starts a new sequence.
+
+        Arguments:
+            input_shape: the shape of the whole sequence the cache will hold.
+            dtype: the cache's dtype (default: the compute ``dtype``, or
+                float32 when that is None).
+        """
+        input_shape = tuple(input_shape)
+        if len(input_shape) < 2 or input_shape[-1] != self.in_features:
+            raise ValueError(BAD_CACHE_SHAPE.format(features=self.in_features, shape=input_shape))
+        if dtype is None:
+            dtype = jnp.float32 if self.dtype is None else self.dtype
+        shape = (*input_shape[:-1], self.num_heads, self.head_dim)
+        self.cached_key = Cache(jnp.zeros(shape, dtype))
+        self.cached_value = Cache(jnp.zeros(shape, dtype))
+        self.cache_index = Cache(jnp.zeros((), jnp.int32))
+
+    def _check_input(self, x: Array, features: int, name: str) -> None:
+        check_features(self, x.shape, features, name=name)
+        if x.ndim < 2:
+            where = module_path(self)
+            raise ValueError(NO_LENGTH.format(where=where, features=features, shape=x.shape))
+
+    def _check_decode(self, q_shape: tuple[int, ...], k_shape: tuple[int, ...]) -> None:
+        # Checked on the input shapes, before any computation.
+        where = module_path(self)
+        if self.cached_key is None or self.cached_value is None or self.cache_index is None:
+            raise ValueError(NO_CACHE.format(where=where, features=self.in_features))
+        if k_shape[-2] != q_shape[-2]:
+            raise ValueError(DECODE_K_LENGTH.format(where=where, q_len=q_shape[-2], k_len=k_shape[-2]))
+        *batch, max_len, _, _ = self.cached_key.value.shape
+        if k_shape[:-2] != tuple(batch) or k_shape[-2] > max_len:
+            raise ValueError(
+                CACHE_MISMATCH.format(
+                    where=where, batch=tuple(batch), max_len=max_len, shape=k_shape
+                )
+            )
+
+    def _decode_step(self, key: Array, value: Array, mask: Any) -> tuple[Array, Array, Array]:
+        """Write the new keys/values at ``cache_index``; return the cache and the mask over it."""
+        assert self.cached_key is not None and self.cached_value is not None
+        assert self.cache_index is not None
+        cached_key, cached_value = self.cached_key.value, self.cached_value.value
+        *batch, max_len, _, _ = cached_key.shape
+        new = key.shape[-3]
+        index = self.cache_index.value
+        zero = jnp.zeros((), index.dtype)
+        start = (zero,) * len(batch) + (index, zero, zero)
+        cached_key = jax.lax.dynamic_update_slice(cached_key, key.astype(cached_key.dtype), start)
+        cached_value = jax.lax.dynamic_update_slice(
+            cached_value, value.astype(cached_value.dtype), start
+        )
+        self.cached_key.value = cached_key
+        self.cached_value.value = cached_value
+        self.cache_index.value = index + new
+        # New token i sits at position index + i: it sees every cached position
+        # up to its own, and neither later new tokens nor the unwritten zeros.
+        positions = index + jnp.arange(new)
+        visible = jnp.arange(max_len)[None, :] <= positions[:, None]  # (new, max_len)
+        mask = visible if mask is None else jnp.logical_and(jnp.asarray(mask), visible)
+        return cached_key, cached_value, mask
+
+    def _dropout_key(self, rngs: Any) -> jax.Array:
+        if isinstance(rngs, Rngs):
+            return rngs.dropout()
+        if isinstance(rngs, RngStream):
+            return rngs()
+        if rngs is not None:
+            return as_key(rngs, "MultiHeadAttention(rngs=...)")
+        if self.rngs is None:
+            raise ValueError(NO_DROPOUT_RNGS.format(rate=self.dropout_rate))
+        return self.rngs()
+

@@ -167,9 +167,9 @@ def make_causal_mask(tokens: Shaped[ArrayLike, "*batch length"]) -> Bool[Array, 
 def dot_product_attention_weights(
     query: Float[ArrayLike, "*batch q heads d"],
     key: Float[ArrayLike, "*batch kv heads d"],
-    mask: Shaped[ArrayLike, "..."] | None = None,
+    mask: Shaped[ArrayLike, "*mask"] | None = None,
     *,
-    bias: Float[ArrayLike, "..."] | None = None,
+    bias: Float[ArrayLike, "*bias"] | None = None,
     dtype: Any = None,
 ) -> Float[Array, "*batch heads q kv"]:
     """Softmax attention weights ``softmax(q k^T / sqrt(d) + bias)``, masked.
@@ -222,9 +222,9 @@ def dot_product_attention(
     query: Float[ArrayLike, "*batch q heads d"],
     key: Float[ArrayLike, "*batch kv heads d"],
     value: Float[ArrayLike, "*batch kv heads dv"],
-    mask: Shaped[ArrayLike, "..."] | None = None,
+    mask: Shaped[ArrayLike, "*mask"] | None = None,
     *,
-    bias: Float[ArrayLike, "..."] | None = None,
+    bias: Float[ArrayLike, "*bias"] | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     broadcast_dropout: bool = True,
@@ -416,8 +416,12 @@ class MultiHeadAttention(Module):
     and values into the ``Cache`` Variables ``cached_key``/``cached_value``
     at ``cache_index``, attends causally over everything cached so far and
     advances ``cache_index`` by ``n``. Token-by-token (or chunked) decoding
-    gives the full causal forward pass. Inside ``tl.jit`` the cache is
-    updated in place and carried out. Writing past ``max_length`` is not
+    gives the full causal forward pass. A ``mask`` given while decoding
+    covers the cache: it broadcasts to ``(*batch, heads, n, max_length)``
+    (e.g. to hide padded prompt positions). ``k``/``v``, if given, must have
+    the new tokens' length (decoding is for self-attention). Inside
+    ``tl.jit`` the cache is updated in place and carried out. Writing past
+    ``max_length`` is not
     detected (the index is usually traced, and checking it would block on
     the device): ``lax.dynamic_update_slice`` then clamps the write to the
     last positions, so keep count of the tokens yourself.
@@ -455,9 +459,13 @@ class MultiHeadAttention(Module):
         >>> x = jnp.ones((3, 5, 8))                          # batch 3, length 5
         >>> attn(x, mask=nn.make_causal_mask(jnp.ones((3, 5)))).shape
         (3, 5, 8)
-        >>> attn.init_cache((3, 5, 8)); attn.decode = True
-        >>> attn(x[:, :1]).shape, int(attn.cache_index.value)   # one token at a time
-        ((3, 1, 8), 1)
+
+        Decoding the same sequence token by token gives the same outputs::
+
+            attn.init_cache((3, 5, 8))       # (batch, max_length, in_features)
+            attn.decode = True
+            step = tl.jit(lambda attn, token: attn(token))
+            outs = [step(attn, x[:, t : t + 1]) for t in range(5)]   # cache_index: 5
     """
 
     def __init__(
@@ -525,7 +533,7 @@ class MultiHeadAttention(Module):
         k: Float[ArrayLike, "*batch kv_len kv_in"] | None = None,
         v: Float[ArrayLike, "*batch kv_len kv_in"] | None = None,
         *,
-        mask: Shaped[ArrayLike, "..."] | None = None,
+        mask: Shaped[ArrayLike, "*mask"] | None = None,
         deterministic: bool | None = None,
         rngs: Rngs | RngStream | jax.Array | None = None,
     ) -> Float[Array, "*batch q_len out"]:
@@ -594,7 +602,9 @@ class MultiHeadAttention(Module):
         if self.cached_key is None or self.cached_value is None or self.cache_index is None:
             raise ValueError(NO_CACHE.format(where=where, features=self.in_features))
         if k_shape[-2] != q_shape[-2]:
-            raise ValueError(DECODE_K_LENGTH.format(where=where, q_len=q_shape[-2], k_len=k_shape[-2]))
+            raise ValueError(
+                DECODE_K_LENGTH.format(where=where, q_len=q_shape[-2], k_len=k_shape[-2])
+            )
         *batch, max_len, _, _ = self.cached_key.value.shape
         if k_shape[:-2] != tuple(batch) or k_shape[-2] > max_len:
             raise ValueError(
@@ -637,4 +647,3 @@ class MultiHeadAttention(Module):
         if self.rngs is None:
             raise ValueError(NO_DROPOUT_RNGS.format(rate=self.dropout_rate))
         return self.rngs()
-

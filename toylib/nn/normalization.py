@@ -88,10 +88,16 @@ class BatchNorm(Module):
         reduce = tuple(i for i in range(x.ndim) if i != axis)
         feature_shape = [1] * x.ndim
         feature_shape[axis] = self.num_features
+        scale = None if self.scale is None else self.scale.value
+        bias = None if self.bias is None else self.bias.value
+        # As the other norms: cast to the compute dtype, then take statistics
+        # and normalise in at least float32, and cast the result back.
+        x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
+        x = _compute_dtype(x)
+        stats = _stats_input(x)
         if use_running_average:
             mean, var = self.mean.value, self.var.value
         else:
-            stats = jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
             mean = stats.mean(reduce)
             if self.axis_name is not None:
                 mean = jax.lax.pmean(mean, self.axis_name)
@@ -103,17 +109,14 @@ class BatchNorm(Module):
             m = self.momentum
             self.mean.value = m * self.mean.value + (1 - m) * mean
             self.var.value = m * self.var.value + (1 - m) * var
-        scale = None if self.scale is None else self.scale.value
-        bias = None if self.bias is None else self.bias.value
-        x, mean, var, scale, bias = promote_dtype(x, mean, var, scale, bias, dtype=self.dtype)
-        y = (x - mean.reshape(feature_shape)) * jax.lax.rsqrt(
+        y = (stats - mean.reshape(feature_shape)) * jax.lax.rsqrt(
             var.reshape(feature_shape) + self.epsilon
         )
         if scale is not None:
             y = y * scale.reshape(feature_shape)
         if bias is not None:
             y = y + bias.reshape(feature_shape)
-        return y
+        return y.astype(x.dtype)
 
 
 # -- LayerNorm, RMSNorm, GroupNorm ---------------------------------------------------------------

@@ -63,6 +63,7 @@ def to_nnx(attn):
         out_features=attn.out_features,
         in_kv_features=attn.in_kv_features,
         use_bias=attn.query.bias is not None,
+        normalize_qk=attn.query_ln is not None,
         decode=False,
         kernel_init=lambda key, shape, dtype: jnp.zeros(shape, dtype),  # overwritten below
         rngs=nnx.Rngs(1),
@@ -73,6 +74,9 @@ def to_nnx(attn):
         theirs.kernel[...] = jnp.asarray(mine.kernel.value)
         if mine.bias is not None:
             theirs.bias[...] = jnp.asarray(mine.bias.value)
+    if attn.query_ln is not None:
+        ref.query_ln.scale[...] = jnp.asarray(attn.query_ln.scale.value)
+        ref.key_ln.scale[...] = jnp.asarray(attn.key_ln.scale.value)
     return ref
 
 
@@ -226,6 +230,21 @@ def test_self_attention_three_heads_two_batch_dims_matches_flax():
     y = run(attn, x, mask=mask)
     assert y.shape == (2, 3, L, 4)
     close(y, run_nnx(ref, jnp.asarray(x), mask=mask))
+
+
+def test_normalize_qk_matches_flax():
+    attn = make(3, qkv_features=9, normalize_qk=True)
+    assert attn.query_ln.scale.value.shape == (3,) and attn.query_ln.bias is None
+    attn.query_ln.scale = jnp.asarray(rand(7, 3)) + 1.0
+    attn.key_ln.scale = jnp.asarray(rand(8, 3)) + 1.0
+    ref = to_nnx(attn)
+    x = rand(1, 2, L, F)
+    mask = causal(2, L)
+    y = run(attn, x, mask=mask)
+    close(y, run_nnx(ref, jnp.asarray(x), mask=mask))
+    # The norms change the result: without them it is another function.
+    attn.query_ln = attn.key_ln = None
+    assert not np.allclose(np.asarray(run(attn, x, mask=mask)), np.asarray(y), atol=1e-3)
 
 
 def test_cross_attention_no_batch_matches_flax_and_numpy():

@@ -24,6 +24,7 @@ from toylib._core.variables import Cache, Param
 from toylib.nn.checks import check_features
 from toylib.nn.dtypes import promote_dtype
 from toylib.nn.linear import default_kernel_init
+from toylib.nn.normalization import LayerNorm
 
 __all__ = [
     "MergeHeads",
@@ -436,6 +437,10 @@ class MultiHeadAttention(Module):
             ``in_features``), for cross-attention to a wider or narrower memory.
         dropout_rate: dropout on the attention weights (default 0).
         broadcast_dropout: share the dropout mask over batch and heads (default True).
+        normalize_qk: apply a LayerNorm (scale only) over ``head_dim`` to the
+            projected queries and keys, ``query_ln``/``key_ln`` (QK
+            normalisation, Dehghani et al. 2023: steadier training at high
+            learning rates). Default False.
         deterministic: start in evaluation mode (default False, training).
         decode: start in decoding mode (default False).
         use_bias: biases in the four projections (default True).
@@ -478,6 +483,7 @@ class MultiHeadAttention(Module):
         in_kv_features: int | None = None,
         dropout_rate: float = 0.0,
         broadcast_dropout: bool = True,
+        normalize_qk: bool = False,
         deterministic: bool = False,
         decode: bool = False,
         use_bias: bool = True,
@@ -509,6 +515,9 @@ class MultiHeadAttention(Module):
         self.key = ProjectHeads(in_kv_features, num_heads, head_dim, **common)
         self.value = ProjectHeads(in_kv_features, num_heads, head_dim, **common)
         self.out = MergeHeads(num_heads, head_dim, out_features, **common)
+        norm = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype)
+        self.query_ln = LayerNorm(head_dim, **norm) if normalize_qk else None
+        self.key_ln = LayerNorm(head_dim, **norm) if normalize_qk else None
         # Keep the stream (not a key), as nn.Dropout does: every training call
         # draws a fresh key and the counter lives in the user's Rngs.
         self.rngs = rngs.dropout if dropout_rate > 0.0 else None
@@ -551,6 +560,8 @@ class MultiHeadAttention(Module):
         if self.decode:
             self._check_decode(q.shape, k.shape)
         query, key, value = self.query(q), self.key(k), self.value(v)
+        if self.query_ln is not None and self.key_ln is not None:
+            query, key = self.query_ln(query), self.key_ln(key)
         if self.decode:
             key, value, mask = self._decode_step(key, value, mask)
         deterministic = self.deterministic if deterministic is None else deterministic

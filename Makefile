@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint format clean
+.PHONY: test demo bench compare lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,12 +19,17 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n auto --dist loadfile
 
 demo: $(STAMP)
-	$(BIN)/python examples/linear_regression.py
+	$(BIN)/python examples/digits.py
 
 # Benchmarks compare against Equinox and Flax NNX: installed only here.
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/overhead.py
+
+# One linear model in Flax Linen, Flax NNX, Equinox, Penzai and toylib.
+compare: $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[compare]"
+	$(BIN)/python examples/compare/run_all.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .

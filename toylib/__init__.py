@@ -5,7 +5,7 @@ typed Variables; ``split``/``merge``/``state``/``update``/``pop`` give a
 functional view that keeps shared references. See DESIGN.md and README.md.
 """
 
-from toylib import nn
+from toylib import metrics, nn
 from toylib._core import filters
 from toylib._core.filters import All, Any, Not, PathContains
 from toylib._core.graph import (
@@ -30,7 +30,10 @@ from toylib._core.variables import (
     RngState,
     Variable,
 )
+from toylib.checkpoint import load, save
+from toylib.display import display
 from toylib.optim import Optimizer, OptState
+from toylib.summary import summary
 from toylib.transforms import (
     Carry,
     StateAxes,
@@ -70,6 +73,7 @@ __all__ = [
     "Variable",
     "clone",
     "cond",
+    "display",
     "eval_shape",
     "filters",
     "fori_loop",
@@ -77,13 +81,17 @@ __all__ = [
     "iter_modules",
     "iter_variables",
     "jit",
+    "load",
     "merge",
+    "metrics",
     "nn",
     "pop",
     "remat",
+    "save",
     "scan",
     "split",
     "state",
+    "summary",
     "switch",
     "update",
     "value_and_grad",

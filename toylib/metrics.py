@@ -1,0 +1,3 @@
+"""Placeholder: being written (issue 5)."""
+
+__all__: list[str] = []

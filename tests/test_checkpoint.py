@@ -1,0 +1,415 @@
+"""Tests for tl.save / tl.load (toylib/checkpoint.py)."""
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import toylib as tl
+from toylib import checkpoint, nn
+
+X = jnp.asarray(np.random.default_rng(0).normal(size=(16, 3)), jnp.float32)
+Y = jnp.sin(X[:, :1]) * 2
+
+
+class Net(tl.Module):
+    """Linear-Dropout-Linear: its dropout stream is state a resumed run needs."""
+
+    def __init__(self, *, rngs: tl.Rngs, features: int = 8) -> None:
+        self.l1 = nn.Linear(3, features, rngs=rngs)
+        self.drop = nn.Dropout(0.3, rngs=rngs)
+        self.l2 = nn.Linear(features, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l2(self.drop(jax.nn.relu(self.l1(x))))
+
+
+class Tied(tl.Module):
+    """An embedding whose table is also the output projection (one Variable, two places)."""
+
+    def __init__(self, *, rngs: tl.Rngs) -> None:
+        self.embed = nn.Embed(5, 4, rngs=rngs)
+        self.head = nn.Linear(4, 5, rngs=rngs)
+        self.head.kernel = self.embed.embedding  # a Variable assigned: replaced, so shared
+
+
+# One optax transformation for all optimizers: it is a static attribute of
+# tl.Optimizer, so sharing it lets train_step compile once for every test.
+TX = optax.adam(1e-2)
+
+
+def make(seed: int, features: int = 8) -> tuple[Net, tl.Optimizer]:
+    model = Net(rngs=tl.Rngs(params=seed, dropout=seed + 100), features=features)
+    return model, tl.Optimizer(model, TX)
+
+
+@tl.jit
+def train_step(model, optimizer, x, y):
+    loss, grads = tl.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+def raw(x):
+    """An array's contents, typed PRNG keys as their key data."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(x))
+    return np.asarray(x)
+
+
+def assert_same_state(a, b):
+    flat_a, flat_b = tl.state(a).flat(), tl.state(b).flat()
+    assert list(flat_a) == list(flat_b)
+    for path, va in flat_a.items():
+        vb = flat_b[path]
+        assert type(va) is type(vb), path
+        assert va.value.dtype == vb.value.dtype, path
+        np.testing.assert_array_equal(raw(va.value), raw(vb.value), err_msg=str(path))
+
+
+# -- the issue's test: resuming from a checkpoint is exact -------------------------------
+
+
+@pytest.mark.parametrize("like_kind", ["live", "abstract"])
+def test_resumed_training_is_identical_to_uninterrupted_training(tmp_path, like_kind):
+    n = 3
+    straight = make(0)
+    for _ in range(2 * n):
+        train_step(*straight, X, Y)
+
+    first = make(0)
+    for _ in range(n):
+        train_step(*first, X, Y)
+    tl.save(tmp_path / "ckpt", first)
+
+    if like_kind == "live":
+        like = make(7)  # another seed: other weights and another dropout stream
+    else:
+        like = tl.eval_shape(lambda: make(7))
+        assert isinstance(like[0].l1.kernel.value, jax.ShapeDtypeStruct)
+    resumed = tl.load(tmp_path / "ckpt", like)
+    assert isinstance(resumed, tuple) and isinstance(resumed[1], tl.Optimizer)
+    assert int(resumed[1].step.value) == n
+    for _ in range(n):
+        train_step(*resumed, X, Y)
+
+    assert_same_state(resumed, straight)  # params, adam moments, step, dropout stream
+    assert int(resumed[0].drop.rngs.count.value) == int(straight[0].drop.rngs.count.value)
+    np.testing.assert_array_equal(resumed[0](X), straight[0](X))
+
+
+def test_load_returns_new_objects_and_leaves_like_unchanged(tmp_path):
+    saved, like = make(0)[0], make(1)[0]
+    before = {p: raw(v.value) for p, v in tl.state(like).flat().items()}
+    tl.save(tmp_path / "c", saved)
+    loaded = tl.load(tmp_path / "c", like)
+    assert loaded is not like and loaded.l1.kernel is not like.l1.kernel
+    for path, variable in tl.state(like).flat().items():
+        np.testing.assert_array_equal(raw(variable.value), before[path])
+    assert_same_state(loaded, saved)
+    assert loaded.drop.rate == like.drop.rate  # static attributes come from `like`
+
+
+# -- what can be saved -----------------------------------------------------------------
+
+
+def test_state_round_trip_gives_a_state_of_the_same_variable_types(tmp_path):
+    model = nn.Sequential(nn.Linear(2, 3, rngs=0), nn.BatchNorm(3))
+    model(jnp.ones((4, 2)))  # moves the batch statistics away from their init
+    tl.save(tmp_path / "c", tl.state(model))
+    loaded = tl.load(
+        tmp_path / "c", tl.state(nn.Sequential(nn.Linear(2, 3, rngs=5), nn.BatchNorm(3)))
+    )
+    assert isinstance(loaded, tl.State)
+    assert_same_state(
+        tl.merge(tl.split(model)[0], loaded), model
+    )  # merges into the model's structure
+    assert type(loaded.layers[1].mean) is tl.BatchStat
+
+
+def test_variable_array_and_containers_round_trip_with_metadata_and_static_values(tmp_path):
+    obj = {
+        "w": tl.Param(jnp.arange(6.0).reshape(2, 3), sharding=("embed", "mlp")),
+        "bare": jnp.array([1, 2, 3], jnp.int8),
+        "host": np.array([0.5, 1.5]),
+        "counts": [tl.Variable(jnp.array(3)), tl.Variable(2.5)],
+        "name": "run-1",
+    }
+    tl.save(tmp_path / "c", obj)
+    like = {
+        "w": tl.Param(jnp.zeros((2, 3)), sharding=("embed", "mlp")),
+        "bare": jnp.zeros(3, jnp.int8),
+        "host": np.zeros(2),
+        "counts": [tl.Variable(jnp.array(0)), tl.Variable(0.0)],
+        "name": "from-like",
+    }
+    loaded = tl.load(tmp_path / "c", like)
+    assert type(loaded["w"]) is tl.Param and loaded["w"].sharding == ("embed", "mlp")
+    np.testing.assert_array_equal(loaded["w"].value, obj["w"].value)
+    assert loaded["bare"].dtype == jnp.int8 and loaded["bare"].tolist() == [1, 2, 3]
+    assert isinstance(loaded["host"], np.ndarray) and loaded["host"].tolist() == [0.5, 1.5]
+    assert int(loaded["counts"][0].value) == 3
+    assert loaded["counts"][1].value == 2.5 and type(loaded["counts"][1].value) is float
+    assert loaded["name"] == "from-like"  # a Python value outside a Variable is structure
+
+    tl.save(tmp_path / "v", tl.RngState(jax.random.key(3)))
+    key = tl.load(tmp_path / "v", tl.RngState(jax.random.key(0))).value
+    assert raw(key).tolist() == raw(jax.random.key(3)).tolist()
+
+
+def test_rng_keys_keep_their_implementation(tmp_path):
+    rngs = tl.Rngs(jax.random.key(1, impl="rbg"))
+    rngs()
+    tl.save(tmp_path / "c", rngs)
+    loaded = tl.load(tmp_path / "c", tl.Rngs(jax.random.key(9, impl="rbg")))
+    assert jax.random.key_impl(loaded.default.key.value) == jax.random.key_impl(
+        rngs.default.key.value
+    )
+    np.testing.assert_array_equal(raw(loaded()), raw(rngs()))  # the same next draw
+    with pytest.raises(ValueError, match=r"(?s)dtypes.*`model.default.key`: key<fry> in `like`"):
+        tl.load(tmp_path / "c", tl.Rngs(0))
+
+
+def test_a_tied_weight_is_stored_once_and_stays_one_object(tmp_path):
+    model = Tied(rngs=tl.Rngs(0))
+    tl.save(tmp_path / "c", model)
+    leaves = ocp.metadata.get_step_metadata(tmp_path / "c").custom_metadata["toylib"]["leaves"]
+    assert "model.embed.embedding" in leaves and "model.head.kernel" not in leaves
+
+    loaded = tl.load(tmp_path / "c", Tied(rngs=tl.Rngs(1)))
+    assert loaded.head.kernel is loaded.embed.embedding
+    np.testing.assert_array_equal(loaded.head.kernel.value, model.embed.embedding.value)
+
+    # Sharing across the objects of a container survives too.
+    tl.save(tmp_path / "p", (model, model.embed))
+    like = Tied(rngs=tl.Rngs(3))
+    whole, part = tl.load(tmp_path / "p", (like, like.embed))
+    assert part is whole.embed
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+def test_structure_mismatch_names_missing_and_extra_paths(tmp_path):
+    tl.save(tmp_path / "c", nn.MLP([2, 4, 1], rngs=0))
+    with pytest.raises(
+        ValueError, match=r"(?s)in `like`, not in the checkpoint: `model.layers\[2\]"
+    ):
+        tl.load(tmp_path / "c", nn.MLP([2, 4, 4, 1], rngs=0))
+    with pytest.raises(
+        ValueError, match=r"not in `like`: `model.layers\[0\].bias`, `model.layers\[1\].bias`"
+    ):
+        tl.load(tmp_path / "c", nn.MLP([2, 4, 1], use_bias=False, rngs=0))
+    untied = Tied(rngs=tl.Rngs(0))
+    tl.save(tmp_path / "t", Tied(rngs=tl.Rngs(0)))
+    untied.head.kernel = tl.Param(jnp.zeros((4, 5)))
+    with pytest.raises(ValueError, match=r"not in the checkpoint: `model.head.kernel`"):
+        tl.load(tmp_path / "t", untied)
+
+
+def test_shape_mismatch_names_the_path_and_both_shapes(tmp_path):
+    tl.save(tmp_path / "c", make(0)[0])
+    with pytest.raises(
+        ValueError, match=r"(?s)shapes.*`model.l1.kernel`: \(3, 5\) in `like`, \(3, 8\) saved"
+    ):
+        tl.load(tmp_path / "c", make(0, features=5)[0])
+
+
+def test_dtype_mismatch_names_the_path_and_is_not_cast(tmp_path):
+    tl.save(tmp_path / "c", nn.Linear(2, 3, rngs=0))
+    like = nn.Linear(2, 3, param_dtype=jnp.bfloat16, rngs=0)
+    with pytest.raises(ValueError, match=r"`model.kernel`: bfloat16 in `like`, float32 saved"):
+        tl.load(tmp_path / "c", like)
+    assert like.kernel.value.dtype == jnp.bfloat16  # the failed load changed nothing
+
+
+def test_a_path_without_a_checkpoint_says_why(tmp_path):
+    like = nn.Linear(2, 3, rngs=0)
+    with pytest.raises(
+        FileNotFoundError, match=r"no checkpoint at .*missing: the path does not exist"
+    ):
+        tl.load(tmp_path / "missing", like)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="it is a file"):
+        tl.load(tmp_path / "file", like)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="the directory holds no checkpoint"):
+        tl.load(tmp_path / "empty", like)
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as orbax_checkpointer:
+        orbax_checkpointer.save(
+            tmp_path / "foreign", args=ocp.args.StandardSave({"a": jnp.ones(2)})
+        )
+    with pytest.raises(FileNotFoundError, match="an orbax checkpoint that tl.save did not write"):
+        tl.load(tmp_path / "foreign", like)
+    with pytest.raises(TypeError, match="`path` must be a str or os.PathLike.*got a Linear"):
+        tl.load(like, tmp_path)
+
+
+def test_save_refuses_what_it_cannot_store_and_never_deletes_other_files(tmp_path):
+    abstract = tl.eval_shape(lambda: nn.Linear(2, 3, rngs=0))
+    with pytest.raises(TypeError, match=r"`model.kernel` holds a ShapeDtypeStruct"):
+        tl.save(tmp_path / "a", abstract)
+    with pytest.raises(TypeError, match=r"`model.x` holds a str"):
+        tl.save(tmp_path / "b", {"x": tl.Variable("text")})
+    with pytest.raises(ValueError, match="holds no arrays"):
+        tl.save(tmp_path / "c", nn.Identity())
+    with pytest.raises(
+        ValueError, match=r"`model.a.b` and `model\['a.b'\]` would be stored under the same name"
+    ):
+        tl.save(tmp_path / "d", {"a.b": jnp.ones(1), "a": {"b": jnp.ones(1)}})
+
+    @tl.jit
+    def inside(model):
+        tl.save(tmp_path / "e", model)
+
+    with pytest.raises(TypeError, match="holds a tracer"):
+        inside(nn.Linear(2, 3, rngs=0))
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="exists and is not a checkpoint"):
+        tl.save(data, nn.Linear(2, 3, rngs=0))
+    assert (data / "notes.txt").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path)) == ["data"]  # nothing written by the refused saves
+
+
+# -- atomic writes -------------------------------------------------------------------------
+
+
+def fail_after_writing(monkeypatch):
+    """Make orbax's handler write the arrays, then fail before the checkpoint is finalised."""
+    real_save = ocp.StandardCheckpointHandler.save
+
+    def save_then_fail(self, directory, *args, **kwargs):
+        real_save(self, directory, *args, **kwargs)
+        assert any(directory.iterdir())  # data is on disk, half a checkpoint
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "save", save_then_fail)
+
+
+def test_an_interrupted_first_save_leaves_no_checkpoint(tmp_path, monkeypatch):
+    fail_after_writing(monkeypatch)
+    with pytest.raises(OSError, match="disk full"):
+        tl.save(tmp_path / "c", nn.Linear(2, 3, rngs=0))
+    assert os.listdir(tmp_path) == []  # no checkpoint and no temporary directory left
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        tl.load(tmp_path / "c", nn.Linear(2, 3, rngs=0))
+
+
+@pytest.mark.parametrize("failure", ["while writing", "while swapping"])
+def test_an_interrupted_save_over_a_checkpoint_keeps_the_old_one(tmp_path, monkeypatch, failure):
+    old, new = nn.Linear(2, 3, rngs=0), nn.Linear(2, 3, rngs=1)
+    tl.save(tmp_path / "c", old)
+    if failure == "while writing":
+        fail_after_writing(monkeypatch)
+    else:
+
+        def fail(a, b):
+            raise OSError("power cut")
+
+        monkeypatch.setattr(checkpoint, "_exchange", fail)
+    with pytest.raises(OSError, match="disk full|power cut"):
+        tl.save(tmp_path / "c", new)
+    assert os.listdir(tmp_path) == ["c"]
+    assert_same_state(tl.load(tmp_path / "c", new), old)
+
+    monkeypatch.undo()
+    tl.save(tmp_path / "c", new)  # saving over it works, and replaces it
+    assert_same_state(tl.load(tmp_path / "c", old), new)
+    assert os.listdir(tmp_path) == ["c"]
+
+
+def test_save_over_a_checkpoint_without_atomic_swap_recovers_after_a_crash(tmp_path, monkeypatch):
+    first, second, third = (nn.Linear(2, 3, rngs=i) for i in range(3))
+    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)  # e.g. no renameat2
+    tl.save(tmp_path / "c", first)
+    tl.save(tmp_path / "c", second)
+    assert_same_state(tl.load(tmp_path / "c", first), second)
+    assert os.listdir(tmp_path) == ["c"]
+
+    # A crash between the two renames: the old checkpoint is parked, `c` is gone.
+    os.rename(tmp_path / "c", tmp_path / "c.toylib-old")
+    with pytest.raises(
+        FileNotFoundError, match=r"previous checkpoint is complete at .*c.toylib-old"
+    ):
+        tl.load(tmp_path / "c", first)
+    real_replace = os.replace
+    calls = []
+
+    def crash_on_second_rename(a, b):
+        calls.append(b)
+        if len(calls) == 3:  # recover, park the old one, then move the new one in
+            raise OSError("crash")
+        real_replace(a, b)
+
+    monkeypatch.setattr(checkpoint.os, "replace", crash_on_second_rename)
+    with pytest.raises(OSError, match="crash"):
+        tl.save(tmp_path / "c", third)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+    assert_same_state(tl.load(tmp_path / "c", first), second)  # put back, nothing lost
+    tl.save(tmp_path / "c", third)
+    assert_same_state(tl.load(tmp_path / "c", first), third)
+
+
+def test_leftovers_of_a_killed_save_are_removed_quietly(tmp_path, caplog, capfd):
+    stale = tmp_path / "c.toylib-tmp.orbax-checkpoint-tmp"
+    stale.mkdir()
+    (stale / "junk").write_text("half")
+    model = nn.Linear(2, 3, rngs=0)
+    with caplog.at_level(logging.INFO):
+        tl.save(tmp_path / "c", model)
+        tl.save(tmp_path / "c", model)
+        tl.load(tmp_path / "c", model)
+        with pytest.raises(FileNotFoundError):
+            tl.load(tmp_path / "nothing", model)
+    assert os.listdir(tmp_path) == ["c"]
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert capfd.readouterr().err == ""
+
+
+# -- shardings -----------------------------------------------------------------------------
+
+SHARDED = """
+import jax, jax.numpy as jnp, numpy as np, toylib as tl
+from jax.sharding import NamedSharding, PartitionSpec as P
+from toylib import nn
+mesh = jax.make_mesh((4,), ("x",))
+model = nn.Linear(4, 8, rngs=0)
+tl.save(PATH, model)
+put = lambda x, spec: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+abstract = tl.eval_shape(lambda: nn.Linear(4, 8, rngs=1))
+abstract.kernel.value = put(abstract.kernel.value, P(None, "x"))
+abstract.bias.value = put(abstract.bias.value, P("x"))
+loaded = tl.load(PATH, abstract)
+assert loaded.kernel.value.sharding == NamedSharding(mesh, P(None, "x"))
+assert len(loaded.kernel.value.addressable_shards) == 4
+assert loaded.kernel.value.addressable_shards[0].data.shape == (4, 2)
+assert loaded.bias.value.sharding == NamedSharding(mesh, P("x"))
+np.testing.assert_array_equal(loaded.kernel.value, model.kernel.value)
+live = jax.device_put(jnp.zeros((4, 8)), NamedSharding(mesh, P("x")))
+like = nn.Linear(4, 8, rngs=2)
+like.kernel.value = live
+assert tl.load(PATH, like).kernel.value.sharding == live.sharding
+print("ok")
+"""
+
+
+def test_load_restores_directly_into_like_shardings(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env["JAX_PLATFORMS"] = "cpu"
+    script = textwrap.dedent(SHARDED).replace("PATH", repr(str(tmp_path / "c")))
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok"

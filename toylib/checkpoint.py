@@ -247,11 +247,12 @@ def save(path: str | os.PathLike, obj: Any) -> None:
         >>> import tempfile, jax.numpy as jnp, toylib as tl
         >>> from toylib import nn
         >>> model = nn.Linear(2, 3, rngs=0)
-        >>> path = tempfile.mkdtemp() + "/step_1"
-        >>> tl.save(path, model)
-        >>> restored = tl.load(path, nn.Linear(2, 3, rngs=1))
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> tl.save(tmp.name + "/step_1", model)
+        >>> restored = tl.load(tmp.name + "/step_1", nn.Linear(2, 3, rngs=1))
         >>> bool((restored.kernel.value == model.kernel.value).all())
         True
+        >>> tmp.cleanup()
     """
     import orbax.checkpoint as ocp
 
@@ -406,13 +407,15 @@ def load(path: str | os.PathLike, like: Any) -> Any:
         >>> from toylib import nn
         >>> model = nn.Linear(2, 3, rngs=0)
         >>> optimizer = tl.Optimizer(model, optax.adam(1e-3))
-        >>> path = tempfile.mkdtemp() + "/ckpt"
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = tmp.name + "/ckpt"
         >>> tl.save(path, (model, optimizer))
         >>> abstract = tl.eval_shape(lambda: nn.Linear(2, 3, rngs=0))
         >>> abstract_opt = tl.eval_shape(lambda m: tl.Optimizer(m, optax.adam(1e-3)), abstract)
         >>> model2, optimizer2 = tl.load(path, (abstract, abstract_opt))
         >>> bool((model2.kernel.value == model.kernel.value).all()), int(optimizer2.step.value)
         (True, 0)
+        >>> tmp.cleanup()
     """
     import orbax.checkpoint as ocp
 

@@ -1,7 +1,361 @@
-"""Placeholder: being written (issue 5)."""
+"""tl.summary: a table of the Modules a call runs through, with sizes and FLOPs.
 
-__all__ = ["summary"]
+``tl.summary(model, x)`` calls ``model(x)`` *abstractly*, under
+``tl.eval_shape``: nothing is computed or allocated and the model's state
+(BatchNorm statistics, Dropout key counters, caches) is not changed. For the
+duration of that call toylib intercepts ``__call__`` of the model's Module
+classes (the classes are put back afterwards, also when the call raises) and
+records, for every call:
+
+* ``path``: where the Module sits, ``model.layers[0]`` (``model`` is the
+  model itself; a block scanned by ``nn.Stack`` is ``model.blocks[*]``),
+* ``type`` and the abstract ``inputs`` / ``outputs`` (``jax.ShapeDtypeStruct``),
+* ``sizes``: element count and bytes of its Variables by type (``Param``,
+  ``BatchStat``...), everything reachable from the Module, each once,
+* ``flops``: XLA's count for that Module's call on those inputs, from
+  ``jax.jit(call).lower(...).compile().cost_analysis()``.
+
+The rows are in call order (a parent before its children). A Module called
+twice has two rows. Random streams (``Rngs``, ``RngStream``) are not rows.
+Inside ``tl.vmap``/``tl.scan`` a row is what the Module sees: one example,
+one step (per-example shapes and FLOPs; ``nn.Stack`` shows one block).
+The total row counts every Variable of the model once (a tied weight once,
+the stacked blocks of ``nn.Stack`` in full); its FLOPs are the whole call's.
+
+FLOPs are XLA's static estimate, which counts the body of a loop once: a
+Module whose call runs a ``scan`` or ``fori_loop`` (``nn.Stack``, ``nn.RNN``)
+shows the FLOPs of one step, and so does the total when the model is one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from toylib._core.graph import iter_modules, merge, split
+from toylib._core.module import Module, module_path
+from toylib._core.rngs import Rngs, RngStream
+from toylib._core.variables import Param, Variable
+from toylib.display import describe, format_bytes, variable_sizes
+from toylib.transforms import eval_shape
+
+__all__ = ["Row", "Summary", "summary"]
+
+NOT_A_MODEL = """\
+tl.summary: expected a Module with a __call__ method as the first argument, got {what}.
+Fix: pass the model, then the inputs it is called with:
+
+    tl.summary(model, x)                        # or jax.ShapeDtypeStruct((8, 784), jnp.float32)
+"""
 
 
-def summary(model, *inputs):  # noqa: D103
-    raise NotImplementedError
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One Module call, or the total.
+
+    Attributes:
+        path: ``model.layers[0]``; ``"Total"`` for the total row.
+        type: the Module's class (None for the total row).
+        inputs: ``(args, kwargs)`` with ``jax.ShapeDtypeStruct`` for arrays.
+        outputs: the output, with ``jax.ShapeDtypeStruct`` for arrays.
+        sizes: ``{Variable type: (element count, bytes)}``.
+        flops: XLA's FLOP count of the call; None when not computed
+            (``compute_flops=False``) or when the call cannot be compiled on
+            its own (it uses a named axis bound outside it, see ``_flops``).
+    """
+
+    path: str
+    type: type | None
+    inputs: Any
+    outputs: Any
+    sizes: dict[type, tuple[int, int]]
+    flops: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """What ``tl.summary`` returns: the rows, the total and the rich Table.
+
+    Printing it (``rich.print(s)``, a notebook cell) shows the table.
+    """
+
+    rows: list[Row]
+    total: Row
+    table: Table
+
+    def __rich__(self) -> Table:
+        return self.table
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{t.__name__} {n:,}" for t, (n, _) in self.total.sizes.items())
+        flops = "" if self.total.flops is None else f", {self.total.flops:,.0f} FLOPs"
+        rows = f"{len(self.rows)} row{'' if len(self.rows) == 1 else 's'}"
+        return f"Summary({rows}; {sizes or 'no state'}{flops})"
+
+
+# -- recording Module calls ---------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Call:
+    """A Module call seen while the model runs abstractly (filled in as it returns)."""
+
+    path: str
+    type: type
+    sizes: dict[type, tuple[int, int]]
+    graphdef: Any  # the Module's structure and abstract state at the call, to lower it
+    state: Any
+    inputs: Any
+    outputs: Any = None
+
+
+def _abstract(x: Any) -> Any:
+    """An array, tracer or ShapeDtypeStruct as a ShapeDtypeStruct; anything else as is."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if isinstance(x, jax.Array | np.ndarray):
+        aval = jax.typeof(x)
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, weak_type=aval.weak_type)
+    return x
+
+
+def _abstract_tree(tree: Any) -> Any:
+    return jax.tree.map(_abstract, tree)
+
+
+def _call_classes(model: Module) -> set[type]:
+    """The classes whose ``__call__`` the model's Modules run (where it is defined)."""
+    classes = set()
+    for _, module in iter_modules(model):
+        for cls in type(module).__mro__:
+            if "__call__" in vars(cls):
+                classes.add(cls)
+                break
+    return classes
+
+
+@contextlib.contextmanager
+def _recording(classes: set[type], calls: list[_Call]) -> Iterator[None]:
+    """Within the block, every call of these classes' ``__call__`` is appended to ``calls``."""
+    running: list[Any] = []  # the Modules whose recorded call is in progress
+
+    def intercept(original: Callable) -> Callable:
+        @functools.wraps(original)
+        def record(self: Any, *args: Any, **kwargs: Any) -> Any:
+            # `super().__call__(...)` from an overriding __call__ is the same call.
+            if (running and running[-1] is self) or isinstance(self, Rngs | RngStream):
+                return original(self, *args, **kwargs)
+            name = type(self).__name__
+            graphdef, state = split(self)
+            call = _Call(
+                path=module_path(self).removesuffix(f" ({name})"),
+                type=type(self),
+                sizes=variable_sizes(self),
+                graphdef=graphdef,
+                state=_abstract_tree(state),
+                inputs=_abstract_tree((args, kwargs)),
+            )
+            calls.append(call)
+            running.append(self)
+            try:
+                out = original(self, *args, **kwargs)
+            finally:
+                running.pop()
+            call.outputs = _abstract_tree(out)
+            return out
+
+        return record
+
+    originals = {cls: vars(cls)["__call__"] for cls in classes}
+    try:
+        for cls, original in originals.items():
+            cls.__call__ = intercept(original)
+        yield
+    finally:
+        for cls, original in originals.items():
+            cls.__call__ = original
+
+
+def _concrete_inputs(tree: Any) -> Any:
+    """ShapeDtypeStruct inputs as arrays: zeros made inside the abstract trace are
+    staged out, never allocated. Modules and Variables among the inputs are kept
+    as they are (mapping over them would rebuild them, losing shared references)."""
+
+    def make(x: Any) -> Any:
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.numpy.zeros(x.shape, x.dtype)
+        return x
+
+    return jax.tree.map(make, tree, is_leaf=lambda x: isinstance(x, Module | Variable))
+
+
+# -- FLOPs ------------------------------------------------------------------------------
+
+
+def _flops(call: _Call) -> float | None:
+    """XLA's FLOP count for this Module call on its abstract state and inputs.
+
+    None for a call that cannot be compiled on its own because it uses a
+    named axis bound outside it (BatchNorm's ``axis_name`` under ``tl.vmap``);
+    the rows around it include its FLOPs.
+    """
+    leaves, treedef = jax.tree.flatten(call.inputs)
+    dynamic = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.ShapeDtypeStruct)]
+
+    def run(state: Any, values: list) -> Any:
+        full = list(leaves)
+        for i, value in zip(dynamic, values, strict=True):
+            full[i] = value
+        args, kwargs = jax.tree.unflatten(treedef, full)
+        return merge(call.graphdef, state)(*args, **kwargs)
+
+    try:
+        lowered = jax.jit(run).lower(call.state, [leaves[i] for i in dynamic])
+    except NameError as error:  # jax's error for an unbound axis name
+        if "axis name" not in str(error):
+            raise
+        return None
+    cost = lowered.compile().cost_analysis()
+    if isinstance(cost, list | tuple):  # older jax: one dict per computation
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+# -- the table --------------------------------------------------------------------------
+
+
+def _shapes(tree: Any) -> str:
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return "" if tree is None else repr(tree)
+    return "\n".join(describe(leaf) for leaf in leaves)
+
+
+def _size_cell(sizes: dict[type, tuple[int, int]], kind: type) -> str:
+    if kind not in sizes:
+        return ""
+    count, nbytes = sizes[kind]
+    return f"{count:,} ({format_bytes(nbytes)})"
+
+
+def _table(title: str, rows: list[Row], total: Row) -> Table:
+    kinds: dict[type, None] = {}  # ordered set: Param first, then as they appear
+    for row in [total, *rows]:
+        kinds.update(dict.fromkeys(sorted(row.sizes, key=lambda t: t is not Param)))
+    with_flops = total.flops is not None
+    table = Table(title=title)
+    if with_flops and any(row.flops is None for row in rows):
+        table.caption = (
+            "FLOPs n/a: the call uses a named axis bound outside it (e.g. BatchNorm's "
+            "axis_name under tl.vmap), so it is counted only in the rows that contain it."
+        )
+    # Folded, not cut with an ellipsis, when the console is narrow: a path
+    # or a number is no use half shown.
+    table.add_column("path", overflow="fold")
+    table.add_column("type", overflow="fold")
+    table.add_column("output", overflow="fold")
+    for kind in kinds:
+        table.add_column(kind.__name__, justify="right", overflow="fold")
+    if with_flops:
+        table.add_column("FLOPs", justify="right", overflow="fold")
+
+    def cells(row: Row) -> list[str]:
+        line = [_size_cell(row.sizes, kind) for kind in kinds]
+        if with_flops:
+            line.append("n/a" if row.flops is None else f"{row.flops:,.0f}")
+        return line
+
+    for row in rows:
+        table.add_row(row.path, row.type.__name__, _shapes(row.outputs), *cells(row))
+    table.add_section()
+    table.add_row(total.path, "", "", *cells(total), style="bold")
+    return table
+
+
+# -- tl.summary ----------------------------------------------------------------------------
+
+
+def summary(
+    model: Module,
+    *inputs: Any,
+    compute_flops: bool = True,
+    console: Console | None = None,
+    **kwargs: Any,
+) -> Summary:
+    """Print a table of the Modules ``model(*inputs, **kwargs)`` calls; return its rows.
+
+    Columns: path, type, output shape(s), element count and bytes per
+    Variable type (one column per type present), and FLOPs as XLA counts
+    them. The model runs abstractly and is left unchanged; see the module
+    docstring for what each row means.
+
+    Arguments:
+        model: the Module to call.
+        *inputs: its positional inputs: arrays or ``jax.ShapeDtypeStruct``
+            (nothing is computed either way), or any static value.
+        compute_flops: lower and compile each call to count its FLOPs
+            (default True; compiling takes time on big models).
+        console: the ``rich.console.Console`` to print to (default: a new
+            one, which prints to a terminal or a notebook; pass
+            ``Console(quiet=True)`` to print nothing).
+        **kwargs: keyword inputs of the model.
+
+    Returns:
+        A ``Summary``: ``.rows`` (a ``Row`` per call), ``.total`` and ``.table``.
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> from rich.console import Console
+        >>> from toylib import nn
+        >>> s = tl.summary(nn.MLP([3, 4, 2], rngs=0), jnp.ones((5, 3)), console=Console(quiet=True))
+        >>> [(row.path, row.outputs.shape, row.sizes[tl.Param][0]) for row in s.rows]
+        [('model', (5, 2), 26), ('model.layers[0]', (5, 4), 16), ('model.layers[1]', (5, 2), 10)]
+        >>> s.rows[1].flops   # 2*5*3*4 for the product, 5*4 for the bias
+        140.0
+    """
+    if not isinstance(model, Module) or not callable(model):
+        what = (
+            f"a {type(model).__name__} without __call__"
+            if isinstance(model, Module)
+            else (f"a {type(model).__name__}")
+        )
+        raise TypeError(NOT_A_MODEL.format(what=what))
+    calls: list[_Call] = []
+
+    def run(model: Module, inputs: tuple, kwargs: dict) -> Any:
+        inputs, kwargs = _concrete_inputs((inputs, kwargs))
+        return model(*inputs, **kwargs)
+
+    with _recording(_call_classes(model), calls):
+        eval_shape(run, model, inputs, kwargs)
+
+    rows = [
+        Row(
+            path=call.path,
+            type=call.type,
+            inputs=call.inputs,
+            outputs=call.outputs,
+            sizes=call.sizes,
+            flops=_flops(call) if compute_flops else None,
+        )
+        for call in calls
+    ]
+    total = Row(
+        path="Total",
+        type=None,
+        inputs=rows[0].inputs if rows else None,
+        outputs=rows[0].outputs if rows else None,
+        sizes=variable_sizes(model),
+        flops=rows[0].flops if rows else None,
+    )
+    table = _table(f"{type(model).__name__} summary", rows, total)
+    (console if console is not None else Console()).print(table)
+    return Summary(rows=rows, total=total, table=table)

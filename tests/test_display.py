@@ -1,0 +1,164 @@
+"""Tests for tl.display and the treescope handlers for Modules, Variables and States."""
+
+import dataclasses
+import sys
+import types
+
+import jax.numpy as jnp
+import treescope
+
+import toylib as tl
+from toylib import nn
+
+display_impl = sys.modules["toylib.display"]
+
+
+def shown(capsys, obj):
+    assert tl.display(obj) is None
+    return capsys.readouterr().out
+
+
+def test_terminal_text_shows_structure_not_values(capsys):
+    mlp = nn.MLP([3, 4, 2], rngs=0)
+    text = shown(capsys, mlp)
+    lines = text.splitlines()
+    assert lines[0] == "MLP(  # Param: 26 (104 B)"
+    assert "  layers=[" in lines
+    assert "    Linear(  # Param: 16 (64 B)" in lines
+    assert "      kernel=Param float32[3, 4]," in lines
+    assert "      bias=Param float32[4]," in lines
+    assert "  activation=jax.nn.relu," in lines
+    assert lines[-1] == ")"
+    # No array values: the first kernel entry printed any way appears nowhere.
+    value = float(mlp.layers[0].kernel.value[0, 0])
+    assert f"{value:.3f}"[:-1] not in text
+
+
+def test_counters_and_metadata_and_abstract_values(capsys):
+    counter = tl.Variable(jnp.array(3))
+    assert shown(capsys, counter).strip() == "Variable int32[] = 3"
+    w = tl.Param(jnp.ones((3, 2)), sharding=("embed", "mlp"))
+    assert shown(capsys, w).strip() == "Param float32[3, 2] sharding=('embed', 'mlp')"
+    abstract = tl.eval_shape(lambda: nn.Linear(1024, 512, rngs=0))
+    assert "kernel=Param float32[1024, 512]," in shown(capsys, abstract)
+
+
+class Tied(tl.Module):
+    def __init__(self):
+        self.encoder = nn.Embed(10, 4, rngs=0)
+        self.decoder = self.encoder  # the same Module twice
+        self.bias = tl.Param(jnp.zeros(4))
+        self.weights = {"embedding": self.encoder.embedding, "bias": self.bias}
+
+
+def test_shared_references_drawn_once_and_marked(capsys):
+    text = shown(capsys, Tied())
+    assert text.count("Embed(") == 2
+    assert "  encoder=Embed(  # Param: 40 (160 B)" in text
+    assert "decoder=Embed(...),  # shared with model.encoder" in text
+    assert "shared with model.encoder.embedding" in text
+    assert "shared with model.bias" in text
+    assert text.splitlines()[0] == "Tied(  # Param: 44 (176 B)"  # the tied table counted once
+    assert "Repeated python obj" not in text
+
+
+def test_sharing_across_the_root_and_when_folded():
+    p = tl.Param(jnp.ones(2))
+    text = treescope.render_to_text({"a": p, "b": p})
+    assert "'b': Param float32[2],  # shared with model['a']" in text
+    # A parent folded onto one line keeps the mark inline (line comments are dropped there).
+    with treescope.using_expansion_strategy(max_height=1, target_width=200):
+        folded = treescope.render_to_text([p, p])
+    assert folded == "[Param float32[2], Param float32[2] <shared with model[0]>]"
+
+
+class Loop(tl.Module):
+    def __init__(self):
+        self.layer = nn.Linear(2, 2, rngs=0)
+        self.children = [self]  # a reference cycle
+
+
+def test_cycles_terminate(capsys):
+    text = shown(capsys, Loop())
+    assert "cyclic reference to Loop" in text
+    assert text.count("Linear(") == 1
+
+
+def test_treescope_entry_points_use_the_handlers():
+    model = Tied()
+    text = treescope.render_to_text(model)
+    assert "Param float32[10, 4]" in text and "shared with model.encoder" in text
+    assert "PyTree children" not in text and "object at 0x" not in text
+    # A renderer of the user's own, without toylib's context builder: the
+    # outermost Module keeps the record, sharing is still marked.
+    renderer = treescope.active_renderer.get()
+    bare = dataclasses.replace(
+        renderer,
+        context_builders=[
+            b for b in renderer.context_builders if b is not display_impl._fresh_record
+        ],
+    )
+    with treescope.active_renderer.set_scoped(bare):
+        assert "shared with model.encoder" in treescope.render_to_text(model)
+
+
+def test_state_rendering(capsys):
+    state = tl.state(nn.Linear(2, 3, rngs=0))
+    assert shown(capsys, state).strip() == (
+        "State({'kernel': Param float32[2, 3], 'bias': Param float32[3]})"
+    )
+
+
+def test_traced_values_render(capsys):
+    seen = []
+
+    @tl.jit
+    def f(layer):
+        seen.append(treescope.render_to_text(layer))
+        return layer(jnp.ones(2))
+
+    f(nn.Linear(2, 3, rngs=0))
+    assert "kernel=Param float32[2,3] (traced)" in seen[0]
+
+
+def test_html_file(tmp_path):
+    target = tmp_path / "model.html"
+    model = nn.Sequential(nn.Linear(2, 3, rngs=0), nn.Dropout(0.1, rngs=1))
+    assert tl.display(model, path=str(target)) == target
+    page = target.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert "<title>toylib: Sequential</title>" in page
+    assert "treescope-container" in page  # treescope's interactive view
+    for word in ("Sequential", "Linear", "Dropout", "Param", "RngState", "float32[2, 3]"):
+        assert word in page
+
+
+def test_notebook_uses_treescope_display(monkeypatch, capsys):
+    shell = types.SimpleNamespace(kernel=object())  # what an IPython kernel's shell has
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+    calls = []
+    monkeypatch.setattr(treescope, "display", lambda obj, **kw: calls.append((obj, kw)))
+    model = nn.Linear(2, 2, rngs=0)
+    assert tl.display(model) is None
+    assert calls == [(model, {"ignore_exceptions": True})]
+    assert capsys.readouterr().out == ""
+    # A terminal IPython shell has no kernel: text.
+    monkeypatch.setitem(
+        sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: types.SimpleNamespace())
+    )
+    assert tl.display(model) is None
+    assert calls == [(model, {"ignore_exceptions": True})]
+    assert capsys.readouterr().out.startswith("Linear(")
+
+
+def test_variable_sizes_count_each_variable_once():
+    model = Tied()
+    sizes = display_impl.variable_sizes(model)
+    assert sizes == {tl.Param: (44, 44 * 4)}
+    bn = nn.BatchNorm(3, rngs=0)
+    assert display_impl.variable_sizes(bn) == {tl.BatchStat: (6, 24), tl.Param: (6, 24)}
+    stream = tl.Rngs(0).default
+    assert display_impl.variable_sizes(stream) == {tl.RngState: (2, 8 + 4)}
+    assert display_impl.format_bytes(1500) == "1.5 KB"
+    assert display_impl.format_bytes(12) == "12 B"
+    assert display_impl.format_bytes(3_200_000) == "3.2 MB"

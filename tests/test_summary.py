@@ -1,0 +1,221 @@
+"""Tests for tl.summary: rows per Module call, sizes per Variable type, FLOPs, no side effects."""
+
+import io
+
+import jax
+import jax.numpy as jnp
+import pytest
+from rich.console import Console
+
+import toylib as tl
+from toylib import nn
+
+F32 = 4  # bytes per float32
+
+
+def quiet():
+    return Console(quiet=True)
+
+
+def linear_flops(m, k, n):
+    """XLA's count for ``x @ w + b`` with x (m, k): a multiply and an add per
+    product term of the dot, then one add per output element for the bias."""
+    return 2 * m * k * n + m * n
+
+
+def test_mlp_rows_sizes_shapes_and_flops():
+    mlp = nn.MLP([3, 16, 2], rngs=0)
+    s = tl.summary(mlp, jnp.ones((5, 3)), console=quiet())
+    assert [r.path for r in s.rows] == ["model", "model.layers[0]", "model.layers[1]"]
+    assert [r.type for r in s.rows] == [nn.MLP, nn.Linear, nn.Linear]
+    assert [r.outputs.shape for r in s.rows] == [(5, 2), (5, 16), (5, 2)]
+    assert s.rows[1].inputs[0][0].shape == (5, 3)
+    first, second = 3 * 16 + 16, 16 * 2 + 2
+    assert s.rows[1].sizes == {tl.Param: (first, first * F32)}
+    assert s.rows[2].sizes == {tl.Param: (second, second * F32)}
+    assert s.rows[0].sizes == {tl.Param: (first + second, (first + second) * F32)}
+    assert s.total.sizes == s.rows[0].sizes
+    assert s.rows[1].flops == linear_flops(5, 3, 16)
+    assert s.rows[2].flops == linear_flops(5, 16, 2)
+    relu = 5 * 16  # one max per element
+    assert s.total.flops == s.rows[0].flops == s.rows[1].flops + relu + s.rows[2].flops
+
+
+def test_sequential_of_linears_functions_are_not_rows():
+    model = nn.Sequential(nn.Linear(4, 8, rngs=0), jax.nn.relu, nn.Linear(8, 3, rngs=1))
+    s = tl.summary(model, jnp.ones((2, 4)), compute_flops=False, console=quiet())
+    assert [(r.path, r.type.__name__) for r in s.rows] == [
+        ("model", "Sequential"),
+        ("model.layers[0]", "Linear"),
+        ("model.layers[2]", "Linear"),
+    ]
+    assert s.total.sizes[tl.Param] == (4 * 8 + 8 + 8 * 3 + 3, (4 * 8 + 8 + 8 * 3 + 3) * F32)
+    assert all(r.flops is None for r in s.rows) and s.total.flops is None
+
+
+def test_small_cnn():
+    n, h, w, c, out = 2, 8, 8, 3, 4
+    model = nn.Sequential(
+        nn.Conv(c, out, (3, 3), padding="VALID", rngs=0),
+        nn.MaxPool((2, 2)),
+        lambda x: x.reshape(x.shape[0], -1),
+        nn.Linear(3 * 3 * out, 10, rngs=1),
+    )
+    s = tl.summary(model, jax.ShapeDtypeStruct((n, h, w, c), jnp.float32), console=quiet())
+    conv, pool, dense = s.rows[1:]
+    assert [r.path for r in s.rows[1:]] == ["model.layers[0]", "model.layers[1]", "model.layers[3]"]
+    assert conv.outputs.shape == (n, 6, 6, out)
+    assert pool.outputs.shape == (n, 3, 3, out)
+    assert dense.outputs.shape == (n, 10)
+    conv_params = 3 * 3 * c * out + out
+    dense_params = 3 * 3 * out * 10 + 10
+    assert conv.sizes == {tl.Param: (conv_params, conv_params * F32)}
+    assert pool.sizes == {}
+    assert dense.sizes == {tl.Param: (dense_params, dense_params * F32)}
+    assert s.total.sizes == {
+        tl.Param: (conv_params + dense_params, (conv_params + dense_params) * 4)
+    }
+    # VALID 3x3 conv: each output element is a 27-term dot product, plus its bias.
+    conv_outputs = n * 6 * 6 * out
+    assert conv.flops == 2 * conv_outputs * 3 * 3 * c + conv_outputs
+    # A 2x2 max: three comparisons per output element.
+    assert pool.flops == n * 3 * 3 * out * 3
+    assert dense.flops == linear_flops(n, 3 * 3 * out, 10)
+    assert s.total.flops == conv.flops + pool.flops + dense.flops
+
+
+class Block(tl.Module):
+    def __init__(self, rngs):
+        self.linear = nn.Linear(4, 4, rngs=rngs)
+        self.bn = nn.BatchNorm(4, rngs=rngs)
+        self.drop = nn.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x, *, scale=1.0):
+        return self.drop(self.bn(self.linear(x))) * scale
+
+
+def test_state_is_unchanged_and_columns_per_variable_type():
+    block = Block(tl.Rngs(0))
+    block.train()
+    before = {p: (v, v.value) for p, v in tl.iter_variables(block)}
+    draws = int(block.drop.rngs.count.value)  # keys drawn so far (the init shares the stream)
+    structure = tl.split(block)[0]
+    out = io.StringIO()
+    s = tl.summary(
+        block,
+        jnp.ones((3, 4)),
+        scale=2.0,
+        compute_flops=False,
+        console=Console(file=out, width=200),
+    )
+    # The same Variables holding the same (immutable) arrays: nothing was written.
+    after = {p: (v, v.value) for p, v in tl.iter_variables(block)}
+    assert after.keys() == before.keys()
+    assert all(after[p][0] is v and after[p][1] is value for p, (v, value) in before.items())
+    assert int(block.drop.rngs.count.value) == draws  # the Dropout drew no key
+    assert tl.split(block)[0] == structure
+    assert [r.path for r in s.rows] == ["model", "model.linear", "model.bn", "model.drop"]
+    assert s.rows[0].inputs[1] == {"scale": 2.0}
+    bn = s.rows[2]
+    assert bn.sizes == {tl.BatchStat: (8, 8 * F32), tl.Param: (8, 8 * F32)}
+    assert s.rows[3].sizes == {tl.RngState: (2, 4 + 8)}  # a uint32 count, a threefry key
+    text = out.getvalue()
+    header = next(line for line in text.splitlines() if "path" in line)
+    assert [w for w in header.replace("┃", " ").split()] == [
+        "path",
+        "type",
+        "output",
+        "Param",
+        "BatchStat",
+        "RngState",
+    ]
+    assert "Total" in text and "model.bn" in text and "BatchNorm" in text
+    assert "28 (112 B)" in text  # the block's Params: the Linear's 20, the BatchNorm's 8
+    assert s.total.sizes[tl.Param] == (4 * 4 + 4 + 8, (4 * 4 + 4 + 8) * F32)
+
+
+def test_interception_is_undone_even_on_error():
+    mlp = nn.MLP([3, 4, 2], rngs=0)
+    linear_call, mlp_call = vars(nn.Linear)["__call__"], vars(nn.MLP)["__call__"]
+    with pytest.raises(ValueError, match=r"model.layers\[0\] \(Linear\): expected input"):
+        tl.summary(mlp, jnp.ones((1, 5)), console=quiet())
+    assert vars(nn.Linear)["__call__"] is linear_call
+    assert vars(nn.MLP)["__call__"] is mlp_call
+    tl.summary(mlp, jnp.ones((1, 3)), compute_flops=False, console=quiet())
+    assert vars(nn.Linear)["__call__"] is linear_call
+    assert mlp(jnp.ones((1, 3))).shape == (1, 2)
+
+
+class Tied(tl.Module):
+    def __init__(self):
+        self.embed = nn.Embed(10, 4, rngs=0)
+        self.shared = nn.Linear(4, 4, rngs=1)
+
+    def __call__(self, ids):
+        x = self.shared(self.shared(self.embed(ids)))
+        return self.embed.attend(x)
+
+
+def test_shared_module_two_rows_counted_once_in_total():
+    s = tl.summary(Tied(), jnp.zeros((2, 3), jnp.int32), compute_flops=False, console=quiet())
+    assert [r.path for r in s.rows] == ["model", "model.embed", "model.shared", "model.shared"]
+    assert s.rows[0].outputs.shape == (2, 3, 10)
+    assert s.total.sizes[tl.Param][0] == 10 * 4 + 4 * 4 + 4
+
+
+class Sub(nn.Linear):
+    """A subclass calling super().__call__: one call, one row."""
+
+    def __call__(self, x):
+        return super().__call__(x) * 2
+
+
+def test_super_call_is_one_row_and_rng_streams_are_not_rows():
+    model = nn.Sequential(Sub(2, 2, rngs=0), nn.Dropout(0.5, rngs=1))
+    s = tl.summary(model, jnp.ones((1, 2)), compute_flops=False, console=quiet())
+    assert [(r.path, r.type) for r in s.rows] == [
+        ("model", nn.Sequential),
+        ("model.layers[0]", Sub),
+        ("model.layers[1]", nn.Dropout),
+    ]
+
+
+def test_stack_rows_show_one_block_total_counts_all():
+    stack = nn.Stack(lambda rngs: nn.Linear(4, 4, rngs=rngs), 3, rngs=0)
+    s = tl.summary(stack, jnp.ones((2, 4)), compute_flops=False, console=quiet())
+    assert [r.path for r in s.rows] == ["model", "model.blocks[*]"]
+    assert s.rows[1].sizes[tl.Param][0] == 20
+    assert s.total.sizes[tl.Param][0] == 3 * 20
+
+
+def test_bad_model_is_a_clear_error():
+    with pytest.raises(TypeError, match="expected a Module with a __call__ method"):
+        tl.summary(lambda x: x, jnp.ones(2), console=quiet())
+    with pytest.raises(TypeError, match="a Module without __call__"):
+        tl.summary(tl.Module(), console=quiet())
+
+
+def test_repr_and_rich():
+    s = tl.summary(nn.Linear(2, 3, rngs=0), jnp.ones(2), console=quiet())
+    assert repr(s) == f"Summary(1 row; Param 9, {linear_flops(1, 2, 3)} FLOPs)"
+    assert s.__rich__() is s.table
+
+
+class SyncedNorm(tl.Module):
+    """BatchNorm averaging over a named vmap axis: not compilable outside the vmap."""
+
+    def __init__(self):
+        self.bn = nn.BatchNorm(4, axis_name="batch", rngs=0)
+
+    def __call__(self, x):
+        return tl.vmap(lambda bn, x: bn(x), in_axes=(None, 0), axis_name="batch")(self.bn, x)
+
+
+def test_flops_not_available_for_a_call_needing_an_outer_axis():
+    out = io.StringIO()
+    s = tl.summary(SyncedNorm(), jnp.ones((3, 4)), console=Console(file=out, width=200))
+    assert [r.type for r in s.rows] == [SyncedNorm, nn.BatchNorm]
+    assert s.rows[1].outputs.shape == (4,)  # what the BatchNorm sees: one example
+    assert s.rows[1].flops is None
+    assert s.rows[0].flops > 0 and s.total.flops == s.rows[0].flops
+    assert "n/a" in out.getvalue() and "named axis bound outside it" in out.getvalue()

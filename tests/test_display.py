@@ -34,6 +34,18 @@ def test_terminal_text_shows_structure_not_values(capsys):
     assert f"{value:.3f}"[:-1] not in text
 
 
+class Raw(tl.Module):
+    def __init__(self):
+        self.table = jnp.arange(12.0).reshape(3, 4) + 0.5  # a bare array attribute
+        self.layer = nn.Linear(2, 2, rngs=0)
+
+
+def test_bare_arrays_in_text_are_summaries(capsys):
+    text = shown(capsys, Raw())
+    assert "  table=<jax.Array float32(3, 4) " in text
+    assert "4.5" not in text and "[[" not in text  # treescope's summary, not the values
+
+
 def test_counters_and_metadata_and_abstract_values(capsys):
     counter = tl.Variable(jnp.array(3))
     assert shown(capsys, counter).strip() == "Variable int32[] = 3"

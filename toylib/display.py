@@ -387,11 +387,22 @@ def display(obj: Any, path: str | os.PathLike | None = None) -> pathlib.Path | N
 
 
 def _unfold_modules(tree: Any) -> None:
-    """The text view's layout: every Module unfolded, the rest as fits the terminal.
+    """The text view's layout: every Module unfolded, everything else on one line if it fits.
 
     Like PyTorch's ``print(model)``, one attribute per line for each Module,
-    so the structure reads top to bottom; Variables stay one line each.
+    so the structure reads top to bottom. Variables stay one line each, and
+    so do bare arrays (treescope's summary, ``<jax.Array float32(3, 4) ≈0.1
+    ±1.0 ...>``, rather than their values), unless a line would be wider
+    than the terminal.
     """
     layout_algorithms.expand_to_layout_marks(tree, [_MODULE_MARK], collapse_weak_others=False)
+    _prefer_folded(tree)
     width = shutil.get_terminal_size((100, 24)).columns
     layout_algorithms.expand_for_balanced_layout(tree, max_height=None, target_width=width)
+
+
+def _prefer_folded(part: Any) -> None:
+    for foldable in part.foldables_in_this_part():
+        if foldable.get_expand_state().is_weak():
+            foldable.set_expand_state(rendering_parts.ExpandState.WEAKLY_COLLAPSED)
+        _prefer_folded(foldable.as_expanded_part())

@@ -156,11 +156,17 @@ class Tied(tl.Module):
         return self.embed.attend(x)
 
 
-def test_shared_module_two_rows_counted_once_in_total():
-    s = tl.summary(Tied(), jnp.zeros((2, 3), jnp.int32), compute_flops=False, console=quiet())
+def test_shared_module_two_rows_counted_once_in_total(monkeypatch):
+    compiled = []
+    jit = jax.jit
+    monkeypatch.setattr(jax, "jit", lambda f, **kw: compiled.append(f) or jit(f, **kw))
+    s = tl.summary(Tied(), jnp.zeros((2, 3), jnp.int32), console=quiet())
     assert [r.path for r in s.rows] == ["model", "model.embed", "model.shared", "model.shared"]
     assert s.rows[0].outputs.shape == (2, 3, 10)
     assert s.total.sizes[tl.Param][0] == 10 * 4 + 4 * 4 + 4
+    # The second call of the same layer on the same shapes is not compiled again.
+    assert s.rows[2].flops == s.rows[3].flops == linear_flops(2 * 3, 4, 4)
+    assert len(compiled) == 3
 
 
 class Sub(nn.Linear):

@@ -200,14 +200,23 @@ def _concrete_inputs(tree: Any) -> Any:
 # -- FLOPs ------------------------------------------------------------------------------
 
 
-def _flops(call: _Call) -> float | None:
+def _flops(call: _Call, cache: dict) -> float | None:
     """XLA's FLOP count for this Module call on its abstract state and inputs.
 
     None for a call that cannot be compiled on its own because it uses a
     named axis bound outside it (BatchNorm's ``axis_name`` under ``tl.vmap``);
-    the rows around it include its FLOPs.
+    the rows around it include its FLOPs. Calls of the same structure on the
+    same shapes (a layer called twice, identical blocks in a Python loop)
+    are compiled once: ``cache`` maps them to their count.
     """
     leaves, treedef = jax.tree.flatten(call.inputs)
+    state_leaves, state_def = jax.tree.flatten(call.state)
+    key = (call.graphdef, state_def, tuple(state_leaves), treedef, tuple(leaves))
+    try:
+        if key in cache:
+            return cache[key]
+    except TypeError:  # an unhashable static input: compile without caching
+        key = None
     dynamic = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.ShapeDtypeStruct)]
 
     def run(state: Any, values: list) -> Any:
@@ -222,11 +231,15 @@ def _flops(call: _Call) -> float | None:
     except NameError as error:  # jax's error for an unbound axis name
         if "axis name" not in str(error):
             raise
-        return None
-    cost = lowered.compile().cost_analysis()
-    if isinstance(cost, list | tuple):  # older jax: one dict per computation
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
+        flops = None
+    else:
+        cost = lowered.compile().cost_analysis()
+        if isinstance(cost, list | tuple):  # older jax: one dict per computation
+            cost = cost[0] if cost else {}
+        flops = float((cost or {}).get("flops", 0.0))
+    if key is not None:
+        cache[key] = flops
+    return flops
 
 
 # -- the table --------------------------------------------------------------------------
@@ -246,11 +259,10 @@ def _size_cell(sizes: dict[type, tuple[int, int]], kind: type) -> str:
     return f"{count:,} ({format_bytes(nbytes)})"
 
 
-def _table(title: str, rows: list[Row], total: Row) -> Table:
+def _table(title: str, rows: list[Row], total: Row, with_flops: bool) -> Table:
     kinds: dict[type, None] = {}  # ordered set: Param first, then as they appear
     for row in [total, *rows]:
         kinds.update(dict.fromkeys(sorted(row.sizes, key=lambda t: t is not Param)))
-    with_flops = total.flops is not None
     table = Table(title=title)
     if with_flops and any(row.flops is None for row in rows):
         table.caption = (
@@ -322,13 +334,12 @@ def summary(
         140.0
     """
     if not isinstance(model, Module) or not callable(model):
-        what = (
-            f"a {type(model).__name__} without __call__"
-            if isinstance(model, Module)
-            else (f"a {type(model).__name__}")
-        )
+        what = f"a {type(model).__name__}"
+        if isinstance(model, Module):
+            what += " without __call__"
         raise TypeError(NOT_A_MODEL.format(what=what))
     calls: list[_Call] = []
+    cache: dict = {}
 
     def run(model: Module, inputs: tuple, kwargs: dict) -> Any:
         inputs, kwargs = _concrete_inputs((inputs, kwargs))
@@ -344,7 +355,7 @@ def summary(
             inputs=call.inputs,
             outputs=call.outputs,
             sizes=call.sizes,
-            flops=_flops(call) if compute_flops else None,
+            flops=_flops(call, cache) if compute_flops else None,
         )
         for call in calls
     ]
@@ -356,6 +367,6 @@ def summary(
         sizes=variable_sizes(model),
         flops=rows[0].flops if rows else None,
     )
-    table = _table(f"{type(model).__name__} summary", rows, total)
+    table = _table(f"{type(model).__name__} summary", rows, total, compute_flops)
     (console if console is not None else Console()).print(table)
     return Summary(rows=rows, total=total, table=table)

@@ -120,6 +120,21 @@ def test_load_returns_new_objects_and_leaves_like_unchanged(tmp_path):
 # -- what can be saved -----------------------------------------------------------------
 
 
+class _BareArray(tl.Module):
+    def __init__(self):
+        self.w = tl.Param(jnp.ones(3))
+        self.table = jnp.arange(4.0)  # a bare array attribute, not a Variable
+
+
+def test_abstract_like_with_a_bare_array_attribute_loads(tmp_path):
+    tl.save(tmp_path / "ckpt", _BareArray())
+    abstract = tl.eval_shape(_BareArray)
+    assert isinstance(abstract.table, jax.ShapeDtypeStruct)
+    loaded = tl.load(tmp_path / "ckpt", abstract)
+    np.testing.assert_array_equal(loaded.table, np.arange(4.0))
+    np.testing.assert_array_equal(loaded.w.value, np.ones(3))
+
+
 def test_state_round_trip_gives_a_state_of_the_same_variable_types(tmp_path):
     model = nn.Sequential(nn.Linear(2, 3, rngs=0), nn.BatchNorm(3))
     model(jnp.ones((4, 2)))  # moves the batch statistics away from their init

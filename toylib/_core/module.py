@@ -130,8 +130,11 @@ jax.tree_util.register_pytree_with_keys(
 
 
 def is_array(x: Any) -> bool:
-    """Whether ``x`` is a jax or numeric numpy array (a data leaf)."""
-    return isinstance(x, jax.Array) or (isinstance(x, np.ndarray) and x.dtype != object)
+    """Whether ``x`` is a data leaf: a jax or numeric numpy array, or its abstract
+    stand-in ``jax.ShapeDtypeStruct`` (what ``tl.eval_shape`` leaves in a model)."""
+    return isinstance(x, jax.Array | jax.ShapeDtypeStruct) or (
+        isinstance(x, np.ndarray) and x.dtype != object
+    )
 
 
 def is_node(x: Any) -> bool:
@@ -156,7 +159,8 @@ _KINDS: dict[type, str] = {}
 def _kind(t: type) -> str:
     kind = _KINDS.get(t)
     if kind is None:
-        if issubclass(t, Module | Variable | jax.Array | jax.core.Tracer):
+        # ShapeDtypeStruct: the abstract stand-in for an array (tl.eval_shape, tl.load).
+        if issubclass(t, Module | Variable | jax.Array | jax.core.Tracer | jax.ShapeDtypeStruct):
             kind = _NODE
         elif issubclass(t, np.ndarray):
             kind = _NDARRAY  # data unless its dtype is object

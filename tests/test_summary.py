@@ -225,3 +225,18 @@ def test_flops_not_available_for_a_call_needing_an_outer_axis():
     assert s.rows[1].flops is None
     assert s.rows[0].flops > 0 and s.total.flops == s.rows[0].flops
     assert "n/a" in out.getvalue() and "named axis bound outside it" in out.getvalue()
+
+
+def test_the_cell_scanned_by_an_rnn_is_named_by_its_path():
+    class Tagger(tl.Module):
+        def __init__(self):
+            self.rnn = nn.RNN(nn.LSTMCell(3, 4, rngs=0))
+
+        def __call__(self, x):
+            return self.rnn(x)
+
+    rows = tl.summary(Tagger(), jnp.ones((2, 5, 3)), console=quiet()).rows
+    assert [(r.path, r.type) for r in rows][1:] == [
+        ("model.rnn", nn.RNN),
+        ("model.rnn.cell", nn.LSTMCell),
+    ]

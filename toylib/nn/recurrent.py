@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from toylib._core.module import Module, module_path
+from toylib._core.module import Module, labelled, module_path
 from toylib._core.rngs import Rngs, as_rngs
 from toylib._core.variables import Param
 from toylib.nn.checks import check_features
@@ -477,7 +477,10 @@ class RNN(Module):
         if lengths is None:
 
             def step(cell: Any, carry: Any, x_t: jax.Array) -> tuple[Any, Any]:
-                return cell(carry, x_t)
+                # The cell is rebuilt inside the scan: label it so errors and
+                # tl.summary name it `model.<rnn>.cell`.
+                with labelled(cell, ".cell"):
+                    return cell(carry, x_t)
 
             carry, ys = scan(step, in_axes=(None, Carry, 0), unroll=self.unroll)(
                 self.cell, initial_carry, xs
@@ -487,7 +490,8 @@ class RNN(Module):
             valid = steps < lengths  # (time, *batch)
 
             def masked_step(cell: Any, carry: Any, x_t: jax.Array, v: jax.Array) -> tuple:
-                new_carry, y = cell(carry, x_t)
+                with labelled(cell, ".cell"):
+                    new_carry, y = cell(carry, x_t)
                 keep = lambda new, old: jnp.where(v[..., None], new, old)  # noqa: E731
                 new_carry = jax.tree.map(keep, new_carry, carry)
                 return new_carry, jnp.where(v[..., None], y, jnp.zeros_like(y))

@@ -144,7 +144,7 @@ class _Flat:
         # Arrays (and abstract ones) outside any Module are entries of their own;
         # other leaves (numbers, strings) are static and stay as they are.
         self.positions = [i for i, top in enumerate(self.tops) if is_graph_node(top)]
-        self.direct = [i for i, top in enumerate(self.tops) if _is_arraylike(top)]
+        self.direct = [i for i, top in enumerate(self.tops) if is_array(top)]
         self.graphdef, self.leaves = graph.flatten(tuple(self.tops[i] for i in self.positions))
         self.value_defs: list[Any] = []
         self.entries: list[tuple[Key, Any]] = []
@@ -174,10 +174,6 @@ class _Flat:
         for position in self.direct:
             tops[position] = next(take)
         return jax.tree_util.tree_unflatten(self.treedef, tops)
-
-
-def _is_arraylike(x: Any) -> bool:
-    return is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
 
 
 def _name(path: Key) -> tuple[str, ...]:
@@ -296,7 +292,7 @@ def _saveable(path: Key, x: Any) -> Any:
         raise TypeError(
             UNSAVEABLE.format(where=format_path(path), what="a ShapeDtypeStruct", hint=hint)
         )
-    if isinstance(x, jax.Array) or is_array(x) or isinstance(x, np.generic):
+    if is_array(x) or isinstance(x, np.generic):
         return x
     if isinstance(x, bool | int | float | complex):
         return np.asarray(x)

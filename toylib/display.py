@@ -135,13 +135,6 @@ def format_sizes(sizes: dict[type, tuple[int, int]]) -> str:
     )
 
 
-def describe(value: Any) -> str:
-    """``float32[3, 2]`` for an array or abstract array; concrete scalars show their value."""
-    if isinstance(value, jax.ShapeDtypeStruct):
-        return f"{value.dtype.name}[{', '.join(map(str, value.shape))}]"
-    return describe_value(value)
-
-
 # -- shared references -----------------------------------------------------------------
 
 
@@ -187,7 +180,7 @@ def _once(node: Any, path: str | None, draw: Callable[[], Any]) -> Any:
 def _variable_text(variable: Variable) -> str:
     """``float32[3, 2]`` then the metadata: ``float32[3, 2] sharding=('embed', 'mlp')``."""
     metadata = "".join(f" {k}={v!r}" for k, v in variable._metadata.items())
-    return describe(variable._value) + metadata
+    return describe_value(variable._value) + metadata
 
 
 def _reference(node: Any, where: str | None) -> Any:

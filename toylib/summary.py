@@ -3,9 +3,9 @@
 ``tl.summary(model, x)`` calls ``model(x)`` *abstractly*, under
 ``tl.eval_shape``: nothing is computed or allocated and the model's state
 (BatchNorm statistics, Dropout key counters, caches) is not changed. For the
-duration of that call toylib intercepts ``__call__`` of the model's Module
-classes (the classes are put back afterwards, also when the call raises) and
-records, for every call:
+duration of that call every Module call goes through a recorder
+(``toylib._core.module.intercept_calls``; removed afterwards, also when the
+call raises), which records, for every call:
 
 * ``path``: where the Module sits, ``model.layers[0]`` (``model`` is the
   model itself; a block scanned by ``nn.Stack`` is ``model.blocks[*]``),
@@ -29,10 +29,8 @@ shows the FLOPs of one step, and so does the total when the model is one.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -40,11 +38,11 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from toylib._core.graph import iter_modules, merge, split
-from toylib._core.module import Module, module_path
+from toylib._core.graph import merge, split
+from toylib._core.module import Module, call_path, intercept_calls
 from toylib._core.rngs import Rngs, RngStream
-from toylib._core.variables import Param, Variable
-from toylib.display import describe, format_bytes, variable_sizes
+from toylib._core.variables import Param, Variable, describe_value
+from toylib.display import format_bytes, variable_sizes
 from toylib.transforms import eval_shape
 
 __all__ = ["Row", "Summary", "summary"]
@@ -131,57 +129,33 @@ def _abstract_tree(tree: Any) -> Any:
     return jax.tree.map(_abstract, tree)
 
 
-def _call_classes(model: Module) -> set[type]:
-    """The classes whose ``__call__`` the model's Modules run (where it is defined)."""
-    classes = set()
-    for _, module in iter_modules(model):
-        for cls in type(module).__mro__:
-            if "__call__" in vars(cls):
-                classes.add(cls)
-                break
-    return classes
-
-
-@contextlib.contextmanager
-def _recording(classes: set[type], calls: list[_Call]) -> Iterator[None]:
-    """Within the block, every call of these classes' ``__call__`` is appended to ``calls``."""
+def _recorder(calls: list[_Call]) -> Callable:
+    """An ``intercept_calls`` wrapper appending every Module call to ``calls``."""
     running: list[Any] = []  # the Modules whose recorded call is in progress
 
-    def intercept(original: Callable) -> Callable:
-        @functools.wraps(original)
-        def record(self: Any, *args: Any, **kwargs: Any) -> Any:
-            # `super().__call__(...)` from an overriding __call__ is the same call.
-            if (running and running[-1] is self) or isinstance(self, Rngs | RngStream):
-                return original(self, *args, **kwargs)
-            name = type(self).__name__
-            graphdef, state = split(self)
-            call = _Call(
-                path=module_path(self).removesuffix(f" ({name})"),
-                type=type(self),
-                sizes=variable_sizes(self),
-                graphdef=graphdef,
-                state=_abstract_tree(state),
-                inputs=_abstract_tree((args, kwargs)),
-            )
-            calls.append(call)
-            running.append(self)
-            try:
-                out = original(self, *args, **kwargs)
-            finally:
-                running.pop()
-            call.outputs = _abstract_tree(out)
-            return out
+    def record(original: Callable, self: Any, args: tuple, kwargs: dict) -> Any:
+        # `super().__call__(...)` from an overriding __call__ is the same call.
+        if (running and running[-1] is self) or isinstance(self, Rngs | RngStream):
+            return original(self, *args, **kwargs)
+        graphdef, state = split(self)
+        call = _Call(
+            path=call_path(self),
+            type=type(self),
+            sizes=variable_sizes(self),
+            graphdef=graphdef,
+            state=_abstract_tree(state),
+            inputs=_abstract_tree((args, kwargs)),
+        )
+        calls.append(call)
+        running.append(self)
+        try:
+            out = original(self, *args, **kwargs)
+        finally:
+            running.pop()
+        call.outputs = _abstract_tree(out)
+        return out
 
-        return record
-
-    originals = {cls: vars(cls)["__call__"] for cls in classes}
-    try:
-        for cls, original in originals.items():
-            cls.__call__ = intercept(original)
-        yield
-    finally:
-        for cls, original in originals.items():
-            cls.__call__ = original
+    return record
 
 
 def _concrete_inputs(tree: Any) -> Any:
@@ -249,7 +223,7 @@ def _shapes(tree: Any) -> str:
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return "" if tree is None else repr(tree)
-    return "\n".join(describe(leaf) for leaf in leaves)
+    return "\n".join(describe_value(leaf) for leaf in leaves)
 
 
 def _size_cell(sizes: dict[type, tuple[int, int]], kind: type) -> str:
@@ -345,7 +319,7 @@ def summary(
         inputs, kwargs = _concrete_inputs((inputs, kwargs))
         return model(*inputs, **kwargs)
 
-    with _recording(_call_classes(model), calls):
+    with intercept_calls(_recorder(calls)):
         eval_shape(run, model, inputs, kwargs)
 
     rows = [

@@ -430,6 +430,9 @@ _calls: list[Any] = []
 # Names for Modules rebuilt inside a jax transform, which identity lookup
 # cannot find (nn.Stack labels the block it scans over `blocks[*]`).
 _labels: dict[int, str] = {}
+# Wrappers that run every Module call while they are installed (tl.summary
+# records its rows with one); empty, a call costs one list check more.
+_interceptors: list[Callable] = []
 
 
 @contextlib.contextmanager
@@ -442,6 +445,21 @@ def labelled(module: Any, label: str) -> Iterator[None]:
         del _labels[id(module)]
 
 
+@contextlib.contextmanager
+def intercept_calls(wrapper: Callable) -> Iterator[None]:
+    """Within the block, every Module call runs as ``wrapper(call, module, args, kwargs)``.
+
+    ``call(module, *args, **kwargs)`` is the Module's own ``__call__``; the
+    wrapper returns the output. A ``super().__call__`` inside an overriding
+    ``__call__`` reaches the wrapper again with the same module.
+    """
+    _interceptors.append(wrapper)
+    try:
+        yield
+    finally:
+        _interceptors.remove(wrapper)
+
+
 def _track_calls(call: Callable) -> Callable:
     if getattr(call, "_tracks_calls", False):
         return call
@@ -450,6 +468,8 @@ def _track_calls(call: Callable) -> Callable:
     def tracked(self: Any, *args: Any, **kwargs: Any) -> Any:
         _calls.append(self)
         try:
+            if _interceptors:
+                return _interceptors[-1](call, self, args, kwargs)
             return call(self, *args, **kwargs)
         finally:
             _calls.pop()
@@ -475,13 +495,18 @@ def module_path(module: Module) -> str:
         ValueError: model.layers[0] (Linear): expected input of shape (..., 3), got (1, 5).
         ...
     """
+    return f"{call_path(module)} ({type(module).__name__})"
+
+
+def call_path(module: Module) -> str:
+    """``module_path`` without the type: ``model.blocks[2].attn``."""
     chain = [m for i, m in enumerate(_calls) if i == 0 or m is not _calls[i - 1]]
     if not chain or chain[-1] is not module:
         chain.append(module)
     text = "model"
     for parent, child in itertools.pairwise(chain):
         text += _child_path(parent, child)
-    return f"{text} ({type(module).__name__})"
+    return text
 
 
 def _child_path(parent: Any, child: Any) -> str:

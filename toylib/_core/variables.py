@@ -227,9 +227,14 @@ def _check_metadata(cls: type, name: str, value: Any) -> None:
 
 
 def describe_value(value: Any) -> str:
-    """A compact description of an array: ``float32[3, 4]``, small ones with values."""
+    """A compact description of an array: ``float32[3, 4]``, small ones with values.
+
+    Abstract arrays (``jax.ShapeDtypeStruct``) show dtype and shape only.
+    """
     if isinstance(value, jax.core.Tracer):
         return f"{value.aval.str_short()} (traced)"
+    if isinstance(value, jax.ShapeDtypeStruct):
+        return f"{value.dtype.name}[{', '.join(map(str, value.shape))}]"
     if isinstance(value, jax.Array | np.ndarray):
         dtype = getattr(value.dtype, "name", str(value.dtype))
         shape = ", ".join(map(str, value.shape))

@@ -144,16 +144,15 @@ class CNN(tl.Module):
     """Two 3x3 convolutions (with BatchNorm), a 2x2 max pool and two Linear layers.
 
     Arguments:
-        rngs: ``tl.Rngs``, an int seed or a key, for the initial weights.
+        rngs: the ``tl.Rngs`` whose ``params`` stream draws the initial weights.
 
     Example:
-        >>> model = CNN(rngs=0)
+        >>> model = CNN(rngs=tl.Rngs(0))
         >>> model(jnp.zeros((5, 8, 8, 1))).shape
         (5, 10)
     """
 
-    def __init__(self, *, rngs: tl.Rngs | int) -> None:
-        rngs = tl.Rngs(rngs) if isinstance(rngs, int) else rngs
+    def __init__(self, *, rngs: tl.Rngs) -> None:
         # No conv bias: BatchNorm's own bias follows and would cancel it. A
         # momentum of 0.9 (not 0.99) lets the running statistics keep up with
         # weights that change fast in a run of a few hundred steps.

@@ -28,18 +28,17 @@ class DigitsMLP(tl.Module):
     """Flatten the image, then 64 -> 256 -> 128 -> 10 with ReLU and dropout.
 
     Arguments:
-        rngs: ``tl.Rngs`` or an int seed: the ``params`` stream initialises
+        rngs: the ``tl.Rngs``: its ``params`` stream initialises
             the weights, the ``dropout`` stream (or ``default``) draws the masks.
 
     Example:
         >>> import jax.numpy as jnp
-        >>> model = DigitsMLP(rngs=0)
+        >>> model = DigitsMLP(rngs=tl.Rngs(0))
         >>> model(jnp.zeros((5, 8, 8, 1))).shape
         (5, 10)
     """
 
-    def __init__(self, *, rngs: tl.Rngs | int) -> None:
-        rngs = tl.Rngs(rngs) if isinstance(rngs, int) else rngs
+    def __init__(self, *, rngs: tl.Rngs) -> None:
         self.layers = [
             nn.Linear(64, 256, rngs=rngs),
             nn.Linear(256, 128, rngs=rngs),

@@ -41,7 +41,7 @@ def test_filters_compare_by_value_and_hash():
     assert tl.Any(tl.Param, tl.PathContains("a")) == tl.Any(tl.Param, tl.PathContains("a"))
     assert hash(tl.Not(tl.Param)) == hash(tl.Not(tl.Param))
     assert tl.All(tl.Param) != tl.Any(tl.Param)
-    assert repr(tl.Any(tl.Param, ...)) == "Any(Param, ...)"
+    assert repr(tl.Any(tl.Param, ...)) == "tl.Any(tl.Param, ...)"
 
 
 def test_bad_filter_is_a_clear_error():

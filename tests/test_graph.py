@@ -510,5 +510,14 @@ def test_update_of_an_array_inside_a_tuple_fails_before_writing_anything():
 
 def test_pop_sends_each_variable_to_the_first_matching_filter():
     model = nn.BatchNorm(2)
-    everything, stats = tl.pop(model, ..., tl.BatchStat)
-    assert len(everything.flat()) == 4 and len(stats.flat()) == 0
+    stats, everything = tl.pop(model, tl.BatchStat, ...)
+    assert len(stats.flat()) == 2 and len(everything.flat()) == 2
+
+
+def test_a_catch_all_before_other_filters_is_an_error_and_pops_nothing():
+    model = nn.BatchNorm(2)
+    with pytest.raises(
+        ValueError, match=r"(?s)catch-all goes last.*tl\.pop\(model, tl\.BatchStat, \.\.\.\)"
+    ):
+        tl.pop(model, ..., tl.BatchStat)
+    assert len(tl.state(model).flat()) == 4

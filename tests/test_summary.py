@@ -243,8 +243,8 @@ def test_the_cell_scanned_by_an_rnn_is_named_by_its_path():
 
 
 def test_the_call_recorder_is_removed_even_on_error():
-    from toylib._core import module
+    from toylib._core import calls
 
     with pytest.raises(ValueError, match="expected input"):
         tl.summary(nn.Linear(3, 2, rngs=0), jnp.ones((1, 5)), console=quiet())
-    assert module._interceptors == []
+    assert calls._interceptors.get() == ()

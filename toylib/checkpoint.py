@@ -45,7 +45,8 @@ import jax
 import numpy as np
 
 from toylib._core import graph
-from toylib._core.module import format_path, is_array
+from toylib._core.paths import format_path
+from toylib._core.skeleton import is_array
 from toylib._core.variables import Variable
 from toylib.transforms.lifting import is_graph_node, plain_key
 

@@ -49,8 +49,9 @@ from treescope import (
     type_registries,
 )
 
+from toylib._core.containers import untracked
 from toylib._core.graph import iter_variables
-from toylib._core.module import Dict, List, Module
+from toylib._core.module import Module
 from toylib._core.state import State
 from toylib._core.variables import Variable, describe_value
 
@@ -206,16 +207,6 @@ def _reference(node: Any, where: str | None) -> Any:
 # -- treescope handlers ----------------------------------------------------------------
 
 
-def _plain(value: Any) -> Any:
-    # Modules store their list/dict attributes as toylib's tracked List/Dict;
-    # show them as the list/dict the user assigned.
-    if isinstance(value, List):
-        return [_plain(v) for v in value]
-    if isinstance(value, Dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
 _MODULE_MARK = "toylib.Module"
 
 
@@ -231,7 +222,7 @@ def _render_module(node: Any, path: str | None, subtree_renderer: Any) -> Any:
             children.append(
                 rendering_parts.build_full_line_with_annotations(
                     rendering_parts.siblings_with_annotations(
-                        f"{name}=", subtree_renderer(_plain(value), path=child_path)
+                        f"{name}=", subtree_renderer(untracked(value), path=child_path)
                     ),
                     _comma(last=i == len(attributes) - 1),
                 )

@@ -10,7 +10,8 @@ import optax
 
 from toylib._core.filters import to_predicate
 from toylib._core.graph import iter_variables
-from toylib._core.module import Module, format_path
+from toylib._core.module import Module
+from toylib._core.paths import format_path
 from toylib._core.state import State
 from toylib._core.variables import Param, Variable
 

@@ -38,8 +38,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from toylib._core.calls import call_path, intercept_calls
 from toylib._core.graph import merge, split
-from toylib._core.module import Module, call_path, intercept_calls
+from toylib._core.module import Module
 from toylib._core.rngs import Rngs, RngStream
 from toylib._core.variables import Param, Variable, describe_value
 from toylib.display import format_bytes, variable_sizes

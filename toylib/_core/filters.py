@@ -10,12 +10,17 @@ A filter is one of
 * ``tl.Any(a, b)``, ``tl.All(a, b)``, ``tl.Not(a)``; a tuple or list of
   filters means ``tl.Any``.
 
-All filter objects compare by value and hash, so they can key caches.
+``to_predicate`` turns each into a predicate object (``OfType``,
+``Everything``, ``Nothing``, or the combinators) that compares by value and
+hashes, so equal filters key caches alike, and that prints as the code that
+makes it (``filter_repr``), in every message.
 
 Example:
     >>> import toylib as tl
     >>> keep = tl.All(tl.Param, tl.Not(tl.PathContains("bias")))
     >>> tl.filters.to_predicate(keep)(("layer", "kernel"), tl.Param(1.0))
+    True
+    >>> tl.filters.to_predicate(tl.Param) == tl.filters.to_predicate(tl.Param)
     True
 """
 
@@ -24,7 +29,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any as _Any
 
-__all__ = ["All", "Any", "Not", "PathContains", "to_predicate"]
+__all__ = [
+    "All",
+    "Any",
+    "Everything",
+    "Not",
+    "Nothing",
+    "OfType",
+    "PathContains",
+    "filter_repr",
+    "is_catch_all",
+    "to_predicate",
+]
 
 Predicate = Callable[[tuple, _Any], bool]
 
@@ -38,14 +54,73 @@ filters. For example:
 """
 
 
+class Filter:
+    """A predicate ``(path, value) -> bool`` that compares and hashes by its arguments."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, *args: _Any) -> None:
+        self.args = args
+
+    def __call__(self, path: tuple, value: _Any) -> bool:
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.args == other.args  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.args))
+
+    def __repr__(self) -> str:
+        return f"tl.filters.{type(self).__name__}({', '.join(map(filter_repr, self.args))})"
+
+
+class OfType(Filter):
+    """Matches instances of a type: what the filter ``tl.Param`` means."""
+
+    __slots__ = ()
+
+    def __call__(self, path: tuple, value: _Any) -> bool:
+        return isinstance(value, self.args[0])
+
+    def __repr__(self) -> str:
+        return filter_repr(self.args[0])
+
+
+class Everything(Filter):
+    """Matches everything: what ``...`` and ``True`` mean."""
+
+    __slots__ = ()
+
+    def __call__(self, path: tuple, value: _Any) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "..."
+
+
+class Nothing(Filter):
+    """Matches nothing: what ``None`` and ``False`` mean."""
+
+    __slots__ = ()
+
+    def __call__(self, path: tuple, value: _Any) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "None"
+
+
 def to_predicate(filter: _Any) -> Predicate:
-    """Turn a filter into a function ``(path, value) -> bool``."""
+    """Turn a filter into a predicate ``(path, value) -> bool`` (a hashable ``Filter``)."""
+    if isinstance(filter, Filter):
+        return filter
     if isinstance(filter, type):
-        return lambda path, value: isinstance(value, filter)
+        return OfType(filter)
     if filter is Ellipsis or filter is True:
-        return lambda path, value: True
+        return Everything()
     if filter is None or filter is False:
-        return lambda path, value: False
+        return Nothing()
     if isinstance(filter, tuple | list):
         return Any(*filter)
     if callable(filter):
@@ -53,27 +128,36 @@ def to_predicate(filter: _Any) -> Predicate:
     raise TypeError(BAD_FILTER.format(filter=filter))
 
 
-class _Combinator:
-    """Shared equality, hashing and repr for the filter objects below."""
-
-    def __init__(self, *filters: _Any) -> None:
-        self.filters = tuple(filters)
-        self._predicates = tuple(to_predicate(f) for f in filters)
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.filters == other.filters
-
-    def __hash__(self) -> int:
-        return hash((type(self), self.filters))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(map(_name, self.filters))})"
+def is_catch_all(filter: _Any) -> bool:
+    """Whether ``filter`` matches everything (``...``, ``True``, ``Everything()``)."""
+    return filter is Ellipsis or filter is True or isinstance(filter, Everything)
 
 
-def _name(filter: _Any) -> str:
+def filter_repr(filter: _Any) -> str:
+    """The filter as code: ``tl.Param``, ``...``, ``tl.Any(tl.Param, ...)``."""
     if filter is Ellipsis:
         return "..."
-    return filter.__name__ if isinstance(filter, type) else repr(filter)
+    if isinstance(filter, type):
+        prefix = "tl." if filter.__module__.startswith("toylib") else ""
+        return prefix + filter.__name__
+    return repr(filter)
+
+
+class _Combinator(Filter):
+    """Filters built from filters: their predicates are made once."""
+
+    __slots__ = ("_predicates",)
+
+    def __init__(self, *filters: _Any) -> None:
+        super().__init__(*filters)
+        self._predicates = tuple(to_predicate(f) for f in filters)
+
+    @property
+    def filters(self) -> tuple:
+        return self.args
+
+    def __repr__(self) -> str:
+        return f"tl.{type(self).__name__}({', '.join(map(filter_repr, self.args))})"
 
 
 class Any(_Combinator):
@@ -82,8 +166,10 @@ class Any(_Combinator):
     Example:
         >>> import toylib as tl
         >>> tl.Any(tl.Param, tl.BatchStat)
-        Any(Param, BatchStat)
+        tl.Any(tl.Param, tl.BatchStat)
     """
+
+    __slots__ = ()
 
     def __call__(self, path: tuple, value: _Any) -> bool:
         return any(p(path, value) for p in self._predicates)
@@ -91,6 +177,8 @@ class Any(_Combinator):
 
 class All(_Combinator):
     """Matches when every filter matches."""
+
+    __slots__ = ()
 
     def __call__(self, path: tuple, value: _Any) -> bool:
         return all(p(path, value) for p in self._predicates)
@@ -105,6 +193,8 @@ class Not(_Combinator):
         True
     """
 
+    __slots__ = ()
+
     def __init__(self, filter: _Any) -> None:
         super().__init__(filter)
 
@@ -112,7 +202,7 @@ class Not(_Combinator):
         return not self._predicates[0](path, value)
 
 
-class PathContains(_Combinator):
+class PathContains(Filter):
     """Matches values whose path has ``key`` as one of its elements.
 
     Example:
@@ -121,12 +211,17 @@ class PathContains(_Combinator):
         True
     """
 
+    __slots__ = ()
+
     def __init__(self, key: _Any) -> None:
-        self.filters = (key,)
-        self.key = key
+        super().__init__(key)
+
+    @property
+    def key(self) -> _Any:
+        return self.args[0]
 
     def __call__(self, path: tuple, value: _Any) -> bool:
-        return self.key in path
+        return self.args[0] in path
 
     def __repr__(self) -> str:
-        return f"PathContains({self.key!r})"
+        return f"tl.PathContains({self.args[0]!r})"

@@ -25,22 +25,27 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import jax
+import numpy as np
+
+from toylib._core.containers import LAYOUT, is_tracked
 from toylib._core.filters import to_predicate
-from toylib._core.module import (
+from toylib._core.module import Module, blank
+from toylib._core.paths import Path, format_path, list_paths
+from toylib._core.skeleton import (
     Map,
-    Module,
     Seq,
+    Static,
     attribute_skeletons,
-    format_path,
-    is_array,
+    is_graph_node,
     items_of,
     iter_graph,
     rebuild,
-    structure_changed,
     walk,
 )
 from toylib._core.state import State, split_flat
-from toylib._core.variables import Variable, new_variable, set_value
+from toylib._core.variables import Variable, checked_value, new_variable, set_value, unwrap
+from toylib._core.watchers import changed, watch
 
 __all__ = [
     "GraphDef",
@@ -52,11 +57,11 @@ __all__ = [
     "pop",
     "split",
     "state",
+    "tree_leaf_paths",
     "unflatten",
     "update",
+    "watch_graph",
 ]
-
-Path = tuple[Any, ...]
 
 MERGE_MISMATCH = """\
 tl.merge: the State does not fit the GraphDef ({graph}).
@@ -153,19 +158,9 @@ class GraphDef:
     def _index(self) -> tuple[tuple[Path, ...], dict[int, ModuleDef]]:
         """One walk over the structure: leaf paths, and ModuleDefs by node number."""
         if self._cache is None:
-            paths: list[Path] = []
-            modules: dict[int, ModuleDef] = {}
-
-            def record(path: Path, node: Any) -> None:
-                if type(node) is ModuleDef and node.index not in modules:
-                    modules[node.index] = node
-                    for name, skeleton in node.attributes:
-                        rebuild(skeleton, (*path, name), record)
-                elif type(node) in (VariableDef, ArrayDef):
-                    paths.append(path)
-
-            rebuild(self.root, (), record)
-            self._cache = (tuple(paths), modules)
+            index = _Index()
+            _walk_defs(self.root, (), index.record)
+            self._cache = (tuple(index.paths), index.modules)
         return self._cache
 
     def apply(self, *states: State) -> _Apply:
@@ -178,31 +173,67 @@ class GraphDef:
         return f"GraphDef({name}, {len(self.leaf_paths)} leaves)"
 
 
+def _walk_defs(skeleton: Any, path: Path, record: Callable[[Path, Any], None]) -> None:
+    """Call ``record(path, definition)`` on every node definition of a skeleton."""
+    kind = type(skeleton)
+    if kind is Seq:
+        for i, item in enumerate(skeleton.items):
+            _walk_defs(item, (*path, i), record)
+    elif kind is Map:
+        for key, item in skeleton.items:
+            _walk_defs(item, (*path, key), record)
+    elif kind is not Static:
+        record(path, skeleton)
+
+
+class _Index:
+    """Leaf paths and ModuleDefs of a GraphDef (a class: see skeleton._Collector)."""
+
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+        self.modules: dict[int, ModuleDef] = {}
+
+    def record(self, path: Path, node: Any) -> None:
+        if type(node) is ModuleDef and node.index not in self.modules:
+            self.modules[node.index] = node
+            for name, skeleton in node.attributes:
+                _walk_defs(skeleton, (*path, name), self.record)
+        elif type(node) in (VariableDef, ArrayDef):
+            self.paths.append(path)
+
+
+class _Flattener:
+    """The state of one ``flatten``: numbered nodes and the leaves found."""
+
+    def __init__(self, nodes: list[Any]) -> None:
+        self.index: dict[int, int] = {}
+        self.leaves: list[tuple[Path, Any]] = []
+        self.nodes = nodes
+
+    def visit(self, path: Path, obj: Any) -> Any:
+        if not is_graph_node(obj):  # an array, or what a rebuilt object holds in its place
+            self.leaves.append((path, obj))
+            return _ARRAY
+        seen = self.index.get(id(obj))
+        if seen is not None:
+            return Ref(seen)
+        self.index[id(obj)] = number = len(self.index)
+        self.nodes.append(obj)
+        if isinstance(obj, Variable):
+            self.leaves.append((path, obj))
+            return VariableDef(type(obj), number, tuple(obj._metadata.items()))
+        return ModuleDef(type(obj), number, attribute_skeletons(obj, self.visit, path))
+
+
 def flatten(node: Any, nodes: list[Any] | None = None) -> tuple[GraphDef, list[tuple[Path, Any]]]:
     """``(graphdef, [(path, leaf), ...])`` with the live Variables (and bare arrays).
 
     ``nodes``, if given, receives every Module and Variable in numbering order
     (``nodes[i]`` is the object a ``Ref(i)`` points to).
     """
-    index: dict[int, int] = {}
-    leaves: list[tuple[Path, Any]] = []
-    found = [] if nodes is None else nodes
-
-    def visit(path: Path, obj: Any) -> Any:
-        if is_array(obj):
-            leaves.append((path, obj))
-            return _ARRAY
-        seen = index.get(id(obj))
-        if seen is not None:
-            return Ref(seen)
-        index[id(obj)] = number = len(index)
-        found.append(obj)
-        if isinstance(obj, Variable):
-            leaves.append((path, obj))
-            return VariableDef(type(obj), number, tuple(obj._metadata.items()))
-        return ModuleDef(type(obj), number, attribute_skeletons(obj, visit, path))
-
-    return GraphDef(walk(node, (), visit)), leaves
+    flattener = _Flattener([] if nodes is None else nodes)
+    root = walk(node, (), flattener.visit)
+    return GraphDef(root), flattener.leaves
 
 
 def unflatten(
@@ -225,55 +256,63 @@ def unflatten(
     Returns:
         The rebuilt root.
     """
-    nodes = {} if nodes is None else nodes
-    reuse = reuse or {}
+    builder = _Builder(leaves, {} if nodes is None else nodes, reuse or {})
+    return rebuild(graphdef.root, (), builder.build)
 
-    def build(path: Path, node: Any) -> Any:
+
+class _Builder:
+    """The state of one ``unflatten`` (a class: see skeleton._Collector)."""
+
+    def __init__(self, leaves: dict[Path, Any], nodes: dict[int, Any], reuse: dict) -> None:
+        self.leaves, self.nodes, self.reuse = leaves, nodes, reuse
+
+    def build(self, path: Path, node: Any) -> Any:
         kind = type(node)
         if kind is Ref:
-            return nodes[node.index]
+            return self.nodes[node.index]
         if kind is ArrayDef:
-            leaf = leaves[path]
-            return leaf.value if isinstance(leaf, Variable) else leaf
-        live = reuse.get(node.index)
+            return unwrap(self.leaves[path])
+        live = self.reuse.get(node.index)
         if live is not None and type(live) is not node.type:
             live = None  # replaced by an object of another type: make a new one
         if kind is VariableDef:
-            leaf = leaves[path]
-            value = leaf.value if isinstance(leaf, Variable) else leaf
+            value = unwrap(self.leaves[path])
             if live is None:
                 live = new_variable(node.type, value, node.metadata)
             else:
                 set_value(live, value)
                 if tuple(live._metadata.items()) != node.metadata:
                     object.__setattr__(live, "_metadata", dict(node.metadata))
-            nodes[node.index] = live
+                    changed(live)
+            self.nodes[node.index] = live
             return live
-        module = object.__new__(node.type) if live is None else live
-        nodes[node.index] = module
-        attributes = {name: rebuild(sk, (*path, name), build) for name, sk in node.attributes}
+        module = blank(node.type) if live is None else live
+        self.nodes[node.index] = module
+        attributes = {name: rebuild(sk, (*path, name), self.build) for name, sk in node.attributes}
         if live is None:
             vars(module).update(attributes)
+            # Rebuilt: its data positions stay data whatever they hold (skeleton.py).
+            object.__setattr__(module, LAYOUT, node.attributes)
         else:
             _assign(module, attributes)
         return module
-
-    return rebuild(graphdef.root, (), build)
 
 
 def _assign(module: Module, attributes: dict[str, Any]) -> None:
     """Give a live Module these attributes, keeping the objects that did not change."""
     current = vars(module)
-    changed = False
+    changed_any = False
     for name in [name for name in current if name not in attributes]:
         del current[name]
-        changed = True
+        module._forget_layout(name)
+        changed_any = True
     for name, value in attributes.items():
         if not _same(current.get(name, _ABSENT), value):
             current[name] = value
-            changed = True
-    if changed:
-        structure_changed()
+            module._forget_layout(name)
+            changed_any = True
+    if changed_any:
+        changed(module)
 
 
 def _same(old: Any, new: Any) -> bool:
@@ -285,6 +324,21 @@ def _same(old: Any, new: Any) -> bool:
     if isinstance(old, dict):
         return old.keys() == new.keys() and all(_same(old[k], new[k]) for k in old)
     return len(old) == len(new) and all(_same(a, b) for a, b in zip(old, new, strict=True))
+
+
+def watch_graph(nodes: list[Any], token: Any) -> None:
+    """Register ``token`` (``watchers.watch``) on these Modules and Variables and on
+    every tracked container their attributes hold."""
+    for node in nodes:
+        watch(node, token)
+        if isinstance(node, Module):
+            todo = [v for v in vars(node).values() if isinstance(v, list | tuple | dict)]
+            while todo:
+                container = todo.pop()
+                if is_tracked(container):
+                    watch(container, token)
+                values = container.values() if isinstance(container, dict) else container
+                todo += [v for v in values if isinstance(v, list | tuple | dict)]
 
 
 def _graph_leaves(node: Any, caller: str) -> tuple[GraphDef, list[tuple[Path, Any]]]:
@@ -380,18 +434,19 @@ def _diff(expected: tuple[Path, ...], given: dict[Path, Any]) -> str:
     lines = []
     for label, paths in (("missing", missing), ("not in the graphdef", unexpected)):
         if paths:
-            shown = ", ".join(format_path(p) for p in paths[:5])
-            more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
-            lines.append(f"  {label}: {shown}{more}")
+            lines.append(f"  {label}: {list_paths(paths)}")
     return "\n".join(lines)
 
 
 def update(node: Any, *states: State) -> None:
     """Write the States' values into the live Variables of ``node``, in place.
 
-    Every path in the States must exist in ``node``; if one does not, nothing
-    is written. Only values change: the model keeps its own Variable objects,
-    so other references to them see the new values.
+    Every entry is checked before anything is written, so a bad State changes
+    nothing: its path must exist in ``node``; a Variable in the State must be
+    of the type the model has there; the value must have the shape and dtype
+    of the one it replaces (a Python number for a 0-d array is converted).
+    Only values change: the model keeps its own Variable objects, so other
+    references to them see the new values.
 
     Example:
         >>> import jax, toylib as tl
@@ -404,37 +459,54 @@ def update(node: Any, *states: State) -> None:
     """
     _, leaves = _graph_leaves(node, "tl.update")
     live = dict(leaves)
-    writes: list[tuple[Any, Any, Any]] = []  # (Variable or parent container, key, value)
     for s in states:
-        for path, new in s.flat().items():
-            target = live.get(path, _ABSENT)
-            if target is _ABSENT:
-                _update_error(path, new, "the model has no Variable or array there")
-            value = new.value if isinstance(new, Variable) else new
-            if isinstance(target, Variable):
-                if isinstance(new, Variable) and type(new) is not type(target):
-                    _update_error(path, new, f"the model has a {type(target).__name__}")
-                writes.append((target, None, value))
-                continue
-            parent = node
-            for key in path[:-1]:
-                parent = vars(parent)[key] if isinstance(parent, Module) else parent[key]
-            if isinstance(parent, tuple):
-                _update_error(path, new, "it is inside a tuple, which cannot change in place")
-            writes.append((vars(parent) if isinstance(parent, Module) else parent, path[-1], value))
-    # Everything was checked: now write, so a bad State changes nothing.
+        if not isinstance(s, State):
+            raise TypeError(
+                f"tl.update: expected States after the model, got a {type(s).__name__}. "
+                "Fix: tl.update(model, state) with a State from tl.state or tl.split."
+            )
+    writes = [
+        _planned_write(node, live, path, new) for s in states for path, new in s.flat().items()
+    ]
+    write_all(writes)
+
+
+def _planned_write(node: Any, live: dict[Path, Any], path: Path, new: Any) -> tuple:
+    """``(Variable or parent, key, value)`` for one checked State entry."""
+    target = live.get(path, _ABSENT)
+    if target is _ABSENT:
+        _update_error(path, new, "the model has no Variable or array there")
+    if isinstance(new, Variable) and type(new) is not type(target):
+        kind = type(target).__name__ if isinstance(target, Variable) else "bare array"
+        _update_error(path, new, f"the model has a {kind}")
+    value = checked_value(unwrap(target), new, format_path(path), "tl.update")
+    if isinstance(target, Variable):
+        return target, None, value
+    parent = node
+    for key in path[:-1]:
+        parent = vars(parent)[key] if isinstance(parent, Module) else parent[key]
+    if isinstance(parent, tuple):
+        _update_error(path, new, "it is inside a tuple, which cannot change in place")
+    return parent, path[-1], value
+
+
+def write_all(writes: list[tuple[Any, Any, Any]]) -> None:
+    """Carry out checked writes ``(Variable, None, value)`` / ``(parent, key, value)``."""
     for target, key, value in writes:
         if key is None:
             target.value = value
+        elif isinstance(target, Module):
+            vars(target)[key] = value  # a bare array: the same structure, a new value
+            changed(target)
         else:
-            target[key] = value
+            target[key] = value  # a tracked container reports this itself
 
 
 _ABSENT = object()
 
 
 def _update_error(path: Path, new: Any, found: str) -> None:
-    what = f"a {type(new).__name__}" if isinstance(new, Variable) else "an array"
+    what = f"a {type(new).__name__}" if isinstance(new, Variable) else "a value"
     raise ValueError(UPDATE_MISMATCH.format(what=what, path=format_path(path), found=found))
 
 
@@ -473,8 +545,10 @@ def pop(node: Any, *filters: Any) -> State | tuple[State, ...]:
                 )
             )
     for _, container, key in sites:
-        del (vars(container) if isinstance(container, Module) else container)[key]
-    structure_changed()
+        if isinstance(container, Module):
+            delattr(container, key)
+        else:
+            del container[key]
     states = tuple(State.from_flat(part) for part in parts)
     return states[0] if len(states) == 1 else states
 
@@ -482,27 +556,28 @@ def pop(node: Any, *filters: Any) -> State | tuple[State, ...]:
 def _references(root: Any, ids: set[int]) -> list[tuple[Path, Any, Any]]:
     """Every (path, container, key) where one of the Variables ``ids`` is stored."""
     sites: list[tuple[Path, Any, Any]] = []
-
-    def scan(container: Any, path: Path) -> None:
+    if not ids:
+        return sites
+    todo = [(obj, path) for path, obj in iter_graph(root) if isinstance(obj, Module)]
+    if isinstance(root, list | tuple | dict):
+        todo.append((root, ()))
+    while todo:
+        container, path = todo.pop()
         items = vars(container).items() if isinstance(container, Module) else items_of(container)
         for key, value in list(items):
             if id(value) in ids:
                 sites.append(((*path, key), container, key))
             elif isinstance(value, list | tuple | dict):
-                scan(value, (*path, key))
-
-    if not ids:
-        return sites
-    for path, obj in iter_graph(root):
-        if isinstance(obj, Module):
-            scan(obj, path)
-    if isinstance(root, list | tuple | dict):
-        scan(root, ())
+                todo.append((value, (*path, key)))
     return sites
 
 
 def clone(node: Any) -> Any:
-    """A deep copy of the graph (new Modules and Variables), sharing preserved.
+    """A deep copy of the graph: new Modules, Variables *and buffers*, sharing preserved.
+
+    As ``copy.deepcopy`` or PyTorch's ``deepcopy(model)``: the copy owns its
+    arrays, so a donating ``tl.jit`` step on the original cannot delete them.
+    Copying is asynchronous, as any jax operation.
 
     Example:
         >>> import toylib as tl
@@ -513,7 +588,44 @@ def clone(node: Any) -> Any:
         (False, True)
     """
     graphdef, leaves = _graph_leaves(node, "tl.clone")
-    return unflatten(graphdef, dict(leaves))
+    return unflatten(graphdef, {path: _copy(unwrap(leaf)) for path, leaf in leaves})
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, jax.Array | np.ndarray):
+        return value.copy()
+    if isinstance(value, jax.ShapeDtypeStruct):
+        return value
+    return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array | np.ndarray) else x, value)
+
+
+def tree_leaf_paths(node: Any) -> list[Path]:
+    """For each leaf of ``node`` as raw jax sees it (a tree), its path in the graph view.
+
+    ``jax.tree.leaves(node, is_leaf=<is a Variable>)`` and this list run in
+    the same order; a Variable reachable twice appears twice, both times at
+    its first path. Pairs a Module of gradients from raw ``jax.grad`` with the
+    model's State.
+    """
+    walker = _TreePaths()
+    walk(node, (), walker.visit)
+    return walker.paths
+
+
+class _TreePaths:
+    def __init__(self) -> None:
+        self.first: dict[int, Path] = {}
+        self.paths: list[Path] = []
+
+    def visit(self, path: Path, node: Any) -> None:
+        if not is_graph_node(node):
+            self.paths.append(path)
+            return
+        first = self.first.setdefault(id(node), path)
+        if isinstance(node, Variable):
+            self.paths.append(first)
+        else:
+            attribute_skeletons(node, self.visit, first)
 
 
 def iter_modules(node: Any) -> Iterator[tuple[Path, Module]]:

@@ -26,13 +26,11 @@ from typing import Any
 import jax
 from jax.tree_util import DictKey
 
-from toylib._core.filters import to_predicate
-from toylib._core.module import format_path
+from toylib._core.filters import filter_repr, is_catch_all, to_predicate
+from toylib._core.paths import Path, format_path, nest, sorted_keys
 from toylib._core.variables import Variable, describe_value
 
 __all__ = ["State"]
-
-Path = tuple[Any, ...]
 
 UNMATCHED = """\
 {caller}: the {kind} at `{path}` matches none of the filters ({filters}).
@@ -41,12 +39,12 @@ Every Variable must go to one State. Add a catch-all `...` as the last filter:
     graphdef, {names}, rest = tl.split(model, {first}, ...)
 """
 
+CATCH_ALL_NOT_LAST = """\
+{caller}: the filter {catch_all} (everything) comes before {rest}, which could then
+never match anything. The catch-all goes last:
 
-def _order(key: Any) -> tuple:
-    # Integers (list indices) numerically, everything else by its text.
-    if isinstance(key, int) and not isinstance(key, bool):
-        return (0, key, "")
-    return (1, 0, str(key))
+    {fixed}
+"""
 
 
 class State(MutableMapping):
@@ -105,16 +103,7 @@ class State(MutableMapping):
     @classmethod
     def from_flat(cls, flat: Any) -> State:
         """Build a nested State from ``{path: leaf}`` (or an iterable of pairs)."""
-        root = cls()
-        for path, leaf in flat.items() if hasattr(flat, "items") else flat:
-            node = root
-            for key in path[:-1]:
-                child = node._mapping.get(key)
-                if child is None:
-                    child = node._mapping[key] = cls()
-                node = child
-            node._mapping[path[-1]] = leaf
-        return root
+        return nest(flat, cls)
 
     # -- filters ------------------------------------------------------------------
 
@@ -163,6 +152,7 @@ def split_flat(
 
     A leaf no filter matches is an error naming its path, or dropped if not ``strict``.
     """
+    _check_catch_all_last(filters, caller)
     predicates = [to_predicate(f) for f in filters]
     parts: list[list[tuple[Path, Any]]] = [[] for _ in filters]
     for path, leaf in items:
@@ -179,20 +169,27 @@ def split_flat(
                     caller=caller,
                     kind=type(leaf).__name__ if isinstance(leaf, Variable) else "array",
                     path=format_path(path),
-                    filters=", ".join(_filter_name(f) for f in filters),
+                    filters=", ".join(map(filter_repr, filters)),
                     names=", ".join(f"state{i}" for i in range(len(filters))) or "params",
-                    first=_filter_name(first),
+                    first=filter_repr(first),
                 )
             )
     return parts
 
 
-def _filter_name(filter: Any) -> str:
-    if filter is Ellipsis:
-        return "..."
-    if isinstance(filter, type):
-        return f"tl.{filter.__name__}"
-    return repr(filter)
+def _check_catch_all_last(filters: tuple, caller: str) -> None:
+    for i, f in enumerate(filters[:-1]):
+        if is_catch_all(f):
+            others = [g for j, g in enumerate(filters) if j != i]
+            raise ValueError(
+                CATCH_ALL_NOT_LAST.format(
+                    caller=caller,
+                    catch_all=filter_repr(f),
+                    rest=", ".join(map(filter_repr, filters[i + 1 :])),
+                    fixed=f"{caller}({'model, ' if caller.startswith('tl.') else ''}"
+                    f"{', '.join(map(filter_repr, [*others, ...]))})",
+                )
+            )
 
 
 def _repr(state: State, depth: int) -> str:
@@ -214,7 +211,8 @@ def _leaf_repr(leaf: Any) -> str:
 
 
 def _sorted_items(state: State) -> list[tuple[Any, Any]]:
-    return sorted(state._mapping.items(), key=lambda item: _order(item[0]))
+    mapping = state._mapping
+    return [(k, mapping[k]) for k in sorted_keys(mapping)]
 
 
 def _flatten(state: State) -> tuple[list[Any], tuple]:

@@ -24,12 +24,17 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import get_opaque_trace_state
 from jax.tree_util import GetAttrKey
 
+from toylib._core.watchers import changed
+
 __all__ = [
     "BatchStat",
+    "checked_value",
+    "unwrap",
     "Cache",
     "Intermediate",
     "Param",
@@ -46,7 +51,7 @@ Fix: pass a hashable value, e.g. a tuple instead of a list:
 """
 
 OUTSIDE_TRACE = """\
-{cls}: this Variable was created outside the transform that is tracing now (it
+{where}: this {cls} was created outside {transform}, which is tracing now (it
 was closed over, not passed in), so a value set here would leak a traced value
 out of the transform and the update would be lost.
 Fix: pass the Module (or Variable) as an argument of the transformed function,
@@ -57,10 +62,18 @@ so that toylib carries the change back out:
         return model(x)
 """
 
+WRONG_VALUE = """\
+{caller}: `{path}` holds {expected}, but the new value is {got}.
+Nothing was changed. Fix: give a value of the same shape and dtype, e.g.
+
+    {fix}
+"""
+
 _KEEP = object()
 
 
-def _unwrap(x: Any) -> Any:
+def unwrap(x: Any) -> Any:
+    """The value of a Variable; anything else as it is."""
     return x._value if isinstance(x, Variable) else x
 
 
@@ -88,7 +101,9 @@ class Variable:
 
     # `_trace` is the JAX trace the Variable was created in: setting its value
     # from inside another trace is the closed-over-mutation error (OUTSIDE_TRACE).
-    __slots__ = ("__weakref__", "_metadata", "_trace", "_value")
+    # `_toylib_watchers`: caches to tell when the metadata changes (watchers.py).
+    __slots__ = ("__weakref__", "_metadata", "_toylib_watchers", "_trace", "_value")
+    _toylib_node = True  # a node of the graph view (skeleton.is_graph_node)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -97,9 +112,12 @@ class Variable:
     def __init__(self, value: Any, **metadata: Any) -> None:
         for name, item in metadata.items():
             _check_metadata(type(self), name, item)
-        object.__setattr__(self, "_value", _unwrap(value))
+        if type(value) is list:  # tl.Param([1.0, 2.0]): the array, as jnp.asarray gives it
+            value = jnp.asarray(value)
+        object.__setattr__(self, "_value", unwrap(value))
         object.__setattr__(self, "_metadata", metadata)
         object.__setattr__(self, "_trace", get_opaque_trace_state())
+        object.__setattr__(self, "_toylib_watchers", None)
 
     # -- value and metadata ------------------------------------------------
 
@@ -111,8 +129,8 @@ class Variable:
     @value.setter
     def value(self, new: Any) -> None:
         if self._trace != get_opaque_trace_state():
-            raise RuntimeError(OUTSIDE_TRACE.format(cls=type(self).__name__))
-        object.__setattr__(self, "_value", _unwrap(new))
+            raise RuntimeError(_outside_trace(self))
+        object.__setattr__(self, "_value", unwrap(new))
 
     @property
     def metadata(self) -> dict[str, Any]:
@@ -127,7 +145,7 @@ class Variable:
             >>> tl.Param(jnp.zeros(2), tag="a").replace(jnp.ones(2)).tag
             'a'
         """
-        new_value = self._value if value is _KEEP else _unwrap(value)
+        new_value = self._value if value is _KEEP else unwrap(value)
         return new_variable(type(self), new_value, {**self._metadata, **metadata})
 
     def copy(self) -> Variable:
@@ -152,6 +170,7 @@ class Variable:
         elif name in self._metadata:
             _check_metadata(type(self), name, value)
             self._metadata[name] = value
+            changed(self)  # metadata is structure: it keys the jit cache
         else:
             raise AttributeError(
                 f"{type(self).__name__} has no attribute {name!r}: set the value with "
@@ -176,10 +195,10 @@ class Variable:
             self.value = new
         elif isinstance(self._value, np.ndarray):
             updated = self._value.copy()
-            updated[index] = _unwrap(new)
+            updated[index] = unwrap(new)
             self.value = updated
         else:
-            self.value = self._value.at[index].set(_unwrap(new))
+            self.value = self._value.at[index].set(unwrap(new))
 
     def __len__(self) -> int:
         return len(self._value)
@@ -216,6 +235,72 @@ class Variable:
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
+def _outside_trace(variable: Variable) -> str:
+    from toylib._core import calls  # calls.py builds on the graph walker, which needs us
+
+    path = calls.find_path(variable)
+    where = path if path is not None else f"a {describe_value(variable._value)}"
+    transform = calls.transform_name() or "the jax transform"
+    return OUTSIDE_TRACE.format(where=where, cls=type(variable).__name__, transform=transform)
+
+
+def _spec_text(x: Any) -> str:
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return f"{getattr(x.dtype, 'name', x.dtype)}[{', '.join(map(str, x.shape))}]"
+    return f"a {type(x).__name__} ({repr(x)[:40]})"
+
+
+def checked_value(old: Any, new: Any, path: str, caller: str) -> Any:
+    """``new`` ready to replace ``old``: same kind, shape and dtype, or ``WRONG_VALUE``.
+
+    A Python number replacing a 0-d array is converted to the array's dtype.
+    A value that is not an array (a Python number, a pytree) accepts any value
+    of the same pytree structure whose array leaves match.
+    """
+    new = unwrap(new)
+    if hasattr(old, "shape") and hasattr(old, "dtype"):
+        if isinstance(new, bool | int | float | complex) and old.shape == ():
+            array = np if isinstance(old, np.ndarray) else jnp
+            return array.asarray(new, dtype=old.dtype)
+        if hasattr(new, "shape") and hasattr(new, "dtype"):
+            if tuple(new.shape) == tuple(old.shape) and new.dtype == old.dtype:
+                return new
+            fix = (
+                f"x.reshape({tuple(old.shape)})"
+                if new.dtype == old.dtype
+                else (f"x.astype(jnp.{getattr(old.dtype, 'name', old.dtype)})")
+            )
+        else:
+            fix = f"jnp.asarray(x, dtype=jnp.{getattr(old.dtype, 'name', old.dtype)})"
+        raise ValueError(
+            WRONG_VALUE.format(
+                caller=caller,
+                path=path,
+                expected=_spec_text(old),
+                got=_spec_text(new) if hasattr(new, "shape") else f"a {type(new).__name__}",
+                fix=fix,
+            )
+        )
+    old_leaves, old_def = jax.tree.flatten(old)
+    new_leaves, new_def = jax.tree.flatten(new)
+    if old_def != new_def:
+        raise ValueError(
+            WRONG_VALUE.format(
+                caller=caller,
+                path=path,
+                expected=f"a value of structure {old_def}",
+                got=f"of structure {new_def}",
+                fix="a value of the same pytree structure",
+            )
+        )
+    if old_def.num_leaves == 1 and old_def.num_nodes == 1:
+        return new
+    checked = [
+        checked_value(o, n, path, caller) for o, n in zip(old_leaves, new_leaves, strict=True)
+    ]
+    return jax.tree.unflatten(old_def, checked)
+
+
 def _check_metadata(cls: type, name: str, value: Any) -> None:
     try:
         hash(value)
@@ -247,21 +332,21 @@ def describe_value(value: Any) -> str:
 
 def _binary(op: Callable) -> Callable:
     def forward(self: Variable, other: Any) -> Any:
-        return op(self._value, _unwrap(other))
+        return op(self._value, unwrap(other))
 
     return forward
 
 
 def _reflected(op: Callable) -> Callable:
     def forward(self: Variable, other: Any) -> Any:
-        return op(_unwrap(other), self._value)
+        return op(unwrap(other), self._value)
 
     return forward
 
 
 def _inplace(op: Callable) -> Callable:
     def update(self: Variable, other: Any) -> Variable:
-        self.value = op(self._value, _unwrap(other))
+        self.value = op(self._value, unwrap(other))
         return self
 
     return update
@@ -325,6 +410,7 @@ def new_variable(cls: type[Variable], value: Any, metadata: Any) -> Variable:
     object.__setattr__(new, "_value", value)
     object.__setattr__(new, "_metadata", dict(metadata))
     object.__setattr__(new, "_trace", get_opaque_trace_state())
+    object.__setattr__(new, "_toylib_watchers", None)
     return new
 
 

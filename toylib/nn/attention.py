@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Shaped
 
-from toylib._core.module import Module, module_path
+from toylib._core.calls import module_path
+from toylib._core.module import Module
 from toylib._core.rngs import Rngs, RngStream, as_key, as_rngs
 from toylib._core.variables import Cache, Param
 from toylib.nn.checks import check_features

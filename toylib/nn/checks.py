@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from toylib._core.module import module_path
+from toylib._core.calls import module_path
 
 __all__ = ["check_features"]
 

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from toylib._core.module import Module, labelled
+from toylib._core.calls import labelled
+from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
 from toylib.nn.linear import Linear
 from toylib.transforms.batching import Carry, scan, vmap

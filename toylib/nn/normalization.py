@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from toylib._core.module import Module, module_path
+from toylib._core.calls import module_path
+from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
 from toylib._core.variables import BatchStat, Param
 from toylib.nn.checks import check_features

@@ -23,7 +23,8 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, ArrayLike
 
-from toylib._core.module import Module, module_path
+from toylib._core.calls import module_path
+from toylib._core.module import Module
 from toylib.nn.conv import Padding, PaddingLike, canonical_padding, is_int, per_axis
 
 __all__ = ["AvgPool", "MaxPool", "avg_pool", "max_pool"]

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from toylib._core.filters import to_predicate
-from toylib._core.module import format_path
+from toylib._core.paths import format_path
 from toylib._core.state import State
 from toylib._core.variables import Param, Variable
 from toylib.transforms.lifting import (
@@ -149,7 +149,9 @@ def _differentiate(
                 loss, aux = out
             else:
                 loss, aux = out, None
-            spec, returned = flatten_result(flat.layout, tops, aux, inside, values)
+            spec, returned, _ = flatten_result(
+                flat.layout, flat.position, tops, aux, inside, values
+            )
             specs.append(spec)
             return loss, returned
 

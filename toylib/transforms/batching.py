@@ -13,7 +13,7 @@ from typing import Any
 import jax
 
 from toylib._core.filters import to_predicate
-from toylib._core.module import format_path
+from toylib._core.paths import format_path
 from toylib.transforms.lifting import (
     Flat,
     OutSpec,
@@ -176,7 +176,9 @@ def vmap(
         def pure(values: list) -> tuple:
             inner_args, inner_kwargs, tops, inside = unflatten_call(flat.layout, flat.paths, values)
             out = fn(*inner_args, **inner_kwargs)
-            spec, returned = flatten_result(flat.layout, tops, out, inside, values)
+            spec, returned, _ = flatten_result(
+                flat.layout, flat.position, tops, out, inside, values
+            )
             out_axis = _output_axes(spec, out_axes, out)
             placed: list[list] = [[] for _ in groups]
             where = []
@@ -295,8 +297,14 @@ def scan(
             new_carry, ys = _split_output(out, out_axes)
             if carry_arg:
                 tops = _replace_carry(flat, tops, carry_arg[0], new_carry)
-            spec, returned = flatten_result(
-                flat.layout, tops, ys, inside, values, lambda i: axes[i] is Carry or axes[i] is None
+            spec, returned, _ = flatten_result(
+                flat.layout,
+                flat.position,
+                tops,
+                ys,
+                inside,
+                values,
+                lambda i: axes[i] is Carry or axes[i] is None,
             )
             if not spec.same_structure:
                 raise ValueError(SCAN_STRUCTURE)

@@ -41,8 +41,14 @@ def _lift(fn: Callable, flat: Any, record: list, always_return: bool = False) ->
     def pure(values: list) -> list:
         inner_args, inner_kwargs, tops, inside = unflatten_call(flat.layout, flat.paths, values)
         out = fn(*inner_args, **inner_kwargs)
-        spec, returned = flatten_result(
-            flat.layout, tops, out, inside, values, (lambda i: True) if always_return else _never
+        spec, returned, _ = flatten_result(
+            flat.layout,
+            flat.position,
+            tops,
+            out,
+            inside,
+            values,
+            (lambda i: True) if always_return else _never,
         )
         record.append(spec)
         return returned

@@ -10,18 +10,19 @@ Two paths:
 * The fast path (``_Fast``) is recorded after a general call whose arguments
   are Modules, Variables, arrays and plain static values, whose structure did
   not change inside, and whose output holds no Modules. It keeps the live
-  Variables in a list, so a call is: check the arguments are the same objects
-  and that no Module anywhere changed structure since (one integer, see
-  ``module.graph_version``), read the Variables' values, call the compiled
-  function (JAX's C++ dispatch), write the returned values back. No walk over
-  the object graph, no blocking on results.
+  Variables in a list and is registered on every object it flattened
+  (``watchers.py``), so a call is: check the arguments are the same objects
+  and that none of *those* objects changed structure since (one flag), read
+  the Variables' values, call the compiled function (JAX's C++ dispatch),
+  write the returned values back. No walk over the object graph, no blocking
+  on results, and nothing another model does can invalidate it.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import operator
+import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,22 +30,44 @@ from typing import Any
 import jax
 import numpy as np
 
-from toylib._core.module import graph_version, rebuild
+from toylib._core.graph import watch_graph
+from toylib._core.skeleton import Seq, Static, is_graph_node, rebuild
 from toylib._core.variables import Variable, get_value, set_value
 from toylib.transforms.lifting import (
     Flat,
     Layout,
     OutSpec,
     StaticArg,
+    Transform,
+    call_inside,
     flatten_call,
     flatten_result,
     interleave,
-    is_graph_node,
+    named,
     unflatten_call,
     write_back,
 )
 
-__all__ = ["jit"]
+__all__ = ["Jitted", "jit"]
+
+UNKNOWN_STATIC_ARGNAMES = """\
+tl.jit({name}): static_argnames={names!r}, but {name} has no parameter {missing}
+(its parameters: {params}).
+Fix: name parameters of the function, e.g. `tl.jit({name}, static_argnames=({first!r},))`.
+"""
+
+RETRACING = """\
+tl.jit({name}) has compiled {count} times because the Python value passed as
+`{where}` keeps changing (now {value!r}). toylib treats Python values as static,
+as Equinox does: each new value is a new program.
+Fix: pass it as an array, which is traced and compiled once, e.g.
+
+    {name}(..., jnp.asarray({where_name}))
+
+or, if it really selects different programs, keep it static but pass only a few values.
+"""
+
+RETRACE_WARNING_AT = 8
 
 _ARRAYS = (jax.Array, np.ndarray)
 _OBJ, _ARR, _STATIC = "obj", "arr", "static"
@@ -59,14 +82,18 @@ def _signature(values: Sequence[Any]) -> tuple:
     return tuple(out)
 
 
-class _Compiled:
-    """One ``jax.jit`` for one Layout of the arguments."""
+class _Trace:
+    """What the traced function needs, and what its traces recorded.
 
-    def __init__(self, fn: Callable, flat: Flat, donated: list[bool], jit_kwargs: dict) -> None:
-        self.fn = fn
-        self.layout = flat.layout
-        self.paths = flat.paths
-        self.donated = donated
+    Kept apart from ``_Compiled`` so that the jitted function does not refer
+    back to what holds it (no reference cycle).
+    """
+
+    def __init__(self, fn: Callable, label: str, flat: Flat, donated: list[bool]) -> None:
+        self.fn, self.label, self.donated = fn, label, donated
+        # Of the first call only what every call with this Layout shares: no
+        # live objects, so the cache does not keep a model alive.
+        self.layout, self.paths, self.position = flat.layout, flat.paths, flat.position
         is_var = [isinstance(leaf, Variable) for leaf in flat.leaves]
         # Argument order of the compiled function: donated leaves then kept
         # ones, Variables before bare arrays in each (the fast path's order).
@@ -81,15 +108,13 @@ class _Compiled:
         self.last: OutSpec | None = None
         self.ntraces = 0
         self.stable = True  # every trace so far produced the same OutSpec
-        donate = (0,) if self.n_donated else ()
-        self.jitted = jax.jit(self._traced, donate_argnums=donate, **jit_kwargs)
 
-    def _traced(self, donated: list, kept: list) -> list:
+    def __call__(self, donated: list, kept: list) -> list:
         values = interleave(len(self.order), (self.order, donated + kept))
         args, kwargs, tops, inside = unflatten_call(self.layout, self.paths, values)
-        out = self.fn(*args, **kwargs)
-        spec, returned = flatten_result(
-            self.layout, tops, out, inside, values, self.donated.__getitem__
+        out = call_inside(self.label, self.fn, args, kwargs)
+        spec, returned, _ = flatten_result(
+            self.layout, self.position, tops, out, inside, values, self.donated.__getitem__
         )
         # A retrace (new shapes) may change what comes out: record per signature.
         self.specs[_signature(values)] = spec
@@ -99,25 +124,42 @@ class _Compiled:
         self.ntraces += 1
         return returned
 
+
+class _Compiled:
+    """One ``jax.jit`` for one Layout of the arguments."""
+
+    def __init__(
+        self, fn: Callable, label: str, flat: Flat, donated: list[bool], jit_kwargs: dict
+    ) -> None:
+        self.trace = trace = _Trace(fn, label, flat, donated)
+        self.order, self.n_donated = trace.order, trace.n_donated
+        donate = (0,) if trace.n_donated else ()
+        self.jitted = jax.jit(named(trace, fn), donate_argnums=donate, **jit_kwargs)
+
+    def arguments(self, flat: Flat) -> tuple[list, list]:
+        """The compiled function's two arguments: donated and kept leaf values."""
+        ordered = [flat.values[i] for i in self.order]
+        return ordered[: self.n_donated], ordered[self.n_donated :]
+
     def call(self, flat: Flat) -> tuple[Any, OutSpec]:
-        values = flat.values
-        ordered = [values[i] for i in self.order]
-        before = self.ntraces
-        returned = self.jitted(ordered[: self.n_donated], ordered[self.n_donated :])
-        spec = self.spec_after(before, values)
+        before = self.trace.ntraces
+        returned = self.jitted(*self.arguments(flat))
+        spec = self.spec_after(before, flat.values)
         return write_back(spec, flat, returned), spec
 
     def spec_after(self, before: int, values: Sequence[Any]) -> OutSpec:
         """The OutSpec of the call just made (which may or may not have traced)."""
-        if self.ntraces != before or self.stable:
-            return self.last  # type: ignore[return-value]
-        return self.specs.get(_signature(values), self.last)  # type: ignore[return-value]
+        trace = self.trace
+        if trace.ntraces != before or trace.stable:
+            return trace.last  # type: ignore[return-value]
+        return trace.specs.get(_signature(values), trace.last)  # type: ignore[return-value]
 
 
 class _Fast:
     """A recorded call that can be repeated without flattening (see module docstring)."""
 
     __slots__ = (
+        "__weakref__",
         "compiled",
         "d_arr",
         "d_vars",
@@ -129,14 +171,16 @@ class _Fast:
         "out",
         "refs",
         "spec",
-        "version",
+        "valid",
         "write_rets",
         "write_vars",
     )
 
 
-class Jitted:
+class Jitted(Transform):
     """The callable ``tl.jit`` returns. See ``jit``."""
+
+    kind = "tl.jit"
 
     def __init__(
         self,
@@ -145,8 +189,7 @@ class Jitted:
         static_argnames: str | Sequence[str],
         jit_kwargs: dict,
     ) -> None:
-        functools.update_wrapper(self, fn)
-        self._fn = fn
+        super().__init__(fn)
         self._donate = {donate} if isinstance(donate, int | str) else set(donate)
         names = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
         self._static_names = frozenset(names)
@@ -154,14 +197,12 @@ class Jitted:
         self._jit_kwargs = jit_kwargs
         self._compiled: dict[Layout, _Compiled] = {}
         self._fast: _Fast | None = None
-
-    def __get__(self, obj: Any, objtype: Any = None) -> Any:
-        # Used as a method decorator: bind `self` as the first argument.
-        return self if obj is None else functools.partial(self, obj)
+        self._previous: Flat | None = None  # the last Layout compiled, to explain retraces
+        self._retraces: dict[Any, int] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         fast = self._fast
-        if fast is not None and fast.version == graph_version[0]:
+        if fast is not None and fast.valid:
             values = (*args, *kwargs.values()) if kwargs else args
             if len(values) == fast.n and tuple(kwargs) == fast.kw:
                 for value, kind, ref in zip(values, fast.kinds, fast.refs, strict=True):
@@ -177,6 +218,12 @@ class Jitted:
                     return self._run_fast(fast, values, args, kwargs)
         return self._call(args, kwargs)
 
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        """``jax.jit(...).lower``: the compiled program for these arguments (``.as_text()``)."""
+        flat = self._flatten(args, kwargs)
+        compiled = self._compiled_for(flat)
+        return compiled.jitted.lower(*compiled.arguments(flat))
+
     def _run_fast(self, fast: _Fast, values: tuple, args: tuple, kwargs: dict) -> Any:
         donated = list(map(get_value, fast.d_vars))
         if fast.d_arr:
@@ -185,12 +232,13 @@ class Jitted:
         if fast.k_arr:
             kept += [values[i] for i in fast.k_arr]
         compiled = fast.compiled
-        before = compiled.ntraces
+        trace = compiled.trace
+        before = trace.ntraces
         returned = compiled.jitted(donated, kept)
-        if compiled.ntraces != before and compiled.last != fast.spec:
+        if trace.ntraces != before and trace.last != fast.spec:
             # New shapes traced to a different result structure: general write-back.
             self._fast = None
-            return write_back(compiled.last, self._flatten(args, kwargs), returned)  # type: ignore[arg-type]
+            return write_back(trace.last, self._flatten(args, kwargs), returned)  # type: ignore[arg-type]
         # `any` drains the map: one C-level loop that writes every value.
         any(map(set_value, fast.write_vars, map(returned.__getitem__, fast.write_rets)))
         return fast.out(returned)
@@ -199,15 +247,20 @@ class Jitted:
         """``flatten_call`` with the ``static_argnames`` arguments kept whole."""
         args = tuple(StaticArg(a) if i in self._static_nums else a for i, a in enumerate(args))
         kwargs = {k: StaticArg(v) if k in self._static_names else v for k, v in kwargs.items()}
-        return flatten_call(args, kwargs, "tl.jit")
+        return flatten_call(args, kwargs, self.label)
 
-    def _call(self, args: tuple, kwargs: dict) -> Any:
-        flat = self._flatten(args, kwargs)
+    def _compiled_for(self, flat: Flat) -> _Compiled:
         compiled = self._compiled.get(flat.layout)
         if compiled is None:
             donated = [self._is_donated(flat, i) for i in range(len(flat.paths))]
-            compiled = _Compiled(self._fn, flat, donated, self._jit_kwargs)
+            compiled = _Compiled(self._fn, self.label, flat, donated, self._jit_kwargs)
             self._compiled[flat.layout] = compiled
+            self._note_retrace(flat)
+        return compiled
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
+        flat = self._flatten(args, kwargs)
+        compiled = self._compiled_for(flat)
         out, spec = compiled.call(flat)
         self._fast = self._record(compiled, spec, flat, args, kwargs)
         return out
@@ -215,11 +268,42 @@ class Jitted:
     def _is_donated(self, flat: Flat, i: int) -> bool:
         return flat.origin[flat.paths[i][0]] in self._donate
 
+    def _note_retrace(self, flat: Flat) -> None:
+        """Warn once per argument whose changing Python value keeps forcing new programs."""
+        previous, self._previous = self._previous, flat
+        if previous is None or previous.layout.treedef != flat.layout.treedef:
+            return
+        before, now = _top_skeletons(previous), _top_skeletons(flat)
+        if len(before) != len(now):
+            return
+        for t, (old, new) in enumerate(zip(before, now, strict=True)):
+            if type(old) is Static and type(new) is Static and old != new:
+                where = flat.origin[t]
+                count = self._retraces.get(where, 1) + 1
+                self._retraces[where] = count
+                if count == RETRACE_WARNING_AT:
+                    self._warn_retrace(flat, t, new.value, count)
+
+    def _warn_retrace(self, flat: Flat, t: int, value: Any, count: int) -> None:
+        where = flat.origin[t]
+        text = f"args[{where}]" if isinstance(where, int) else where
+        name = getattr(self._fn, "__name__", "fn")
+        try:
+            params = list(inspect.signature(self._fn).parameters)
+            where_name = params[where] if isinstance(where, int) else where
+        except (TypeError, ValueError, IndexError):
+            where_name = text
+        value = value.value if isinstance(value, StaticArg) else value
+        message = RETRACING.format(
+            name=name, count=count, where=text, value=value, where_name=where_name
+        )
+        warnings.warn(message, stacklevel=4)
+
     def _record(
         self, compiled: _Compiled, spec: OutSpec, flat: Flat, args: tuple, kwargs: dict
     ) -> _Fast | None:
         """A _Fast for repeating this call, or None when it does not qualify."""
-        if not (compiled.stable and spec.same_structure and spec.output_is_plain):
+        if not (compiled.trace.stable and spec.same_structure and spec.output_is_plain):
             return None
         values = (*args, *kwargs.values())
         kinds, refs = [], []
@@ -246,7 +330,7 @@ class Jitted:
         value_of_top = list(range(len(args)))
         value_of_top += [len(args) + list(kwargs).index(k) for k in sorted(kwargs)]
         fast = _Fast()
-        fast.compiled, fast.spec, fast.version = compiled, spec, graph_version[0]
+        fast.compiled, fast.spec, fast.valid = compiled, spec, True
         fast.kw, fast.n = tuple(kwargs), len(values)
         fast.kinds, fast.refs = tuple(kinds), tuple(refs)
         fast.d_vars, fast.d_arr, fast.k_vars, fast.k_arr = [], [], [], []
@@ -258,7 +342,8 @@ class Jitted:
                 (fast.d_arr if donated else fast.k_arr).append(value_of_top[flat.paths[i][0]])
             else:
                 return None  # a bare array inside a container or Module
-        # Same structure: the arguments' leaves come first in the OutSpec, in order.
+        # Same structure: the arguments' leaves come first in the OutSpec, in
+        # order; every leaf not holding its own input value is returned.
         writes = [
             (leaf, ~s)
             for leaf, s in zip(flat.leaves, spec.sources, strict=False)
@@ -267,10 +352,19 @@ class Jitted:
         fast.write_vars = [v for v, _ in writes]
         fast.write_rets = [r for _, r in writes]
         fast.out = _output_builder(spec)
+        watch_graph(flat.nodes, fast)  # any structural change to these drops `fast`
         return fast
 
     def _forget(self, _: Any) -> None:
         self._fast = None
+
+
+def _top_skeletons(flat: Flat) -> tuple:
+    """The skeleton of each top-level argument leaf (a Python value: ``Static``)."""
+    root = flat.layout.graphdef.root
+    if type(root) is Seq:
+        return root.items
+    return tuple(Static(v) for v in root.value)
 
 
 def _output_builder(spec: OutSpec) -> Callable[[list], Any]:
@@ -291,13 +385,34 @@ def _output_builder(spec: OutSpec) -> Callable[[list], Any]:
 
 
 def _positions(fn: Callable, names: tuple[str, ...]) -> list[int]:
+    """Positions of the ``static_argnames``; unknown names are an error, as in jax.jit."""
     if not names:
         return []
     try:
-        params = list(inspect.signature(fn).parameters)
+        params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return []
-    return [params.index(n) for n in names if n in params]
+        return []  # no signature to check against (a builtin): names apply to keywords
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        known = list(params)
+    else:
+        missing = [n for n in names if n not in params]
+        if missing:
+            name = getattr(fn, "__name__", "fn")
+            raise ValueError(
+                UNKNOWN_STATIC_ARGNAMES.format(
+                    name=name,
+                    names=names,
+                    missing=", ".join(map(repr, missing)),
+                    params=", ".join(params) or "none",
+                    first=next(iter(params), "x"),
+                )
+            )
+        known = list(params)
+    return [
+        known.index(n)
+        for n in names
+        if n in known and params[n].kind is not inspect.Parameter.KEYWORD_ONLY
+    ]
 
 
 def jit(
@@ -313,13 +428,15 @@ def jit(
     Arguments may be Modules, Variables, States, arrays or any Python values,
     in any position and nested in lists, tuples and dicts. Arrays (and the
     values of Variables) are traced; everything else is static and keys the
-    compilation cache, so it must be hashable. Changes ``fn`` makes to the
-    Variables of its arguments (``self.count += 1``, BatchNorm statistics,
-    Rngs counters, an optimizer step) are written back to the caller's
-    objects, and so are structural changes (a new ``Intermediate``
-    attribute, a popped Variable). A Module reachable from two arguments is
-    one object inside and stays one object outside. Returning an argument
-    Module returns the caller's object.
+    compilation cache, so it must be hashable. Python numbers are static too
+    (Equinox's rule, see docs/transforms.md): a call with a new number
+    compiles anew, and after 8 such programs for one argument toylib warns
+    and suggests ``jnp.asarray``. Changes ``fn`` makes to the Variables of
+    its arguments (``self.count += 1``, BatchNorm statistics, Rngs counters,
+    an optimizer step) are written back to the caller's objects, and so are
+    structural changes (a new ``Intermediate`` attribute, a popped Variable).
+    A Module reachable from two arguments is one object inside and stays one
+    object outside. Returning an argument Module returns the caller's object.
 
     Variables that ``fn`` closes over (rather than receives) are constants of
     the compiled program; setting one inside raises an error that says to
@@ -331,14 +448,19 @@ def jit(
         fn: the function.
         donate: argument positions and/or keyword names whose arrays may be
             donated (their buffers reused for the results, ``jax.jit``'s
-            ``donate_argnums``): typically the model and optimizer.
+            ``donate_argnums``): typically the model and optimizer. Donated
+            buffers are gone after the call: a ``tl.state`` snapshot taken
+            before it shares them and cannot be read afterwards (take a
+            ``tl.clone`` to keep a copy).
         static_argnames: parameters to treat as static even if they hold
-            arrays (they must be hashable).
+            arrays (they must be hashable). A name ``fn`` does not have is an
+            error, as in ``jax.jit``.
         in_shardings, out_shardings: a ``jax.sharding.Sharding`` applied to
             every input (output) array, passed to ``jax.jit``.
 
     Returns:
-        The compiled function (also usable as ``@tl.jit`` or ``@tl.jit(...)``).
+        The compiled function (also usable as ``@tl.jit`` or ``@tl.jit(...)``),
+        named like ``fn`` (in profiles and in ``.lower(...).as_text()`` too).
 
     Example:
         >>> import jax.numpy as jnp, toylib as tl
@@ -349,10 +471,12 @@ def jit(
         ...         self.count += 1
         ...         return x * 2
         >>> counter = Counter()
-        >>> step = tl.jit(lambda m, x: m(x))
+        >>> @tl.jit
+        ... def step(m, x):
+        ...     return m(x)
         >>> _ = step(counter, jnp.ones(2)); _ = step(counter, jnp.ones(2))
-        >>> int(counter.count.value)
-        2
+        >>> int(counter.count.value), step
+        (2, <tl.jit(step)>)
     """
     jit_kwargs = {}
     if in_shardings is not None:

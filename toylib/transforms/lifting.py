@@ -22,28 +22,36 @@ A transformed call goes through four steps, shared by all transforms:
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jax
+from jax._src import traceback_util
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
-from toylib._core import graph
-from toylib._core.module import Module, format_path, is_array
-from toylib._core.variables import Variable
+from toylib._core import calls, graph
+from toylib._core.paths import Path, format_path
+from toylib._core.skeleton import is_array, is_graph_node
+from toylib._core.variables import unwrap
 
 __all__ = [
     "Flat",
     "Layout",
     "OutSpec",
+    "Transform",
+    "call_inside",
     "flatten_call",
     "flatten_result",
     "unflatten_call",
     "write_back",
 ]
 
-Path = tuple[Any, ...]
+# toylib's own frames are hidden from the tracebacks of errors raised in user
+# code under a transform, as jax hides its own (and Equinox its own).
+traceback_util.register_exclusion(os.path.dirname(os.path.dirname(__file__)))
 
 UNHASHABLE_ARGUMENT = """\
 {caller}: `{where}` is a {kind}. toylib transforms trace arrays and treat every
@@ -64,8 +72,48 @@ which write in-place changes back as concrete arrays:
 """
 
 
-def is_graph_node(x: Any) -> bool:
-    return isinstance(x, Module | Variable)
+class Transform:
+    """Base of the callables toylib's transforms return.
+
+    They keep the wrapped function's ``__name__``, ``__qualname__``,
+    ``__doc__`` and ``__module__`` (and ``__wrapped__`` for ``inspect``),
+    print as ``tl.jit(step)``, and bind like methods when used as decorators
+    inside a class.
+    """
+
+    kind = "tl.transform"
+
+    def __init__(self, fn: Callable) -> None:
+        functools.update_wrapper(self, fn, updated=())
+        self._fn = fn
+
+    @property
+    def label(self) -> str:
+        """``tl.jit(step)``: how messages name this transform."""
+        return f"{self.kind}({getattr(self._fn, '__name__', type(self._fn).__name__)})"
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        return self if obj is None else functools.partial(self, obj)
+
+    def __repr__(self) -> str:
+        return f"<{self.label}>"
+
+
+def call_inside(label: str, fn: Callable, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """Run the user's function inside a transform, known by ``label`` to error messages."""
+    with calls.transform(label):
+        return fn(*args, **kwargs)
+
+
+def named(fn: Callable, like: Callable) -> Callable:
+    """``fn`` under ``like``'s name, so that compiled programs and profiles show it."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    run.__name__ = getattr(like, "__name__", "fn")
+    run.__qualname__ = getattr(like, "__qualname__", run.__name__)
+    return run
 
 
 @dataclass(frozen=True)
@@ -102,6 +150,11 @@ class Flat:
     origin: list[Any]
     keypath: list[Path]
     tops: tuple
+
+    @functools.cached_property
+    def position(self) -> dict[Path, int]:
+        """``{path: leaf index}``."""
+        return {path: i for i, path in enumerate(self.paths)}
 
     def arg_path(self, i: int) -> Path:
         """Path of leaf ``i`` relative to its argument (for filters and grads)."""
@@ -140,7 +193,7 @@ def flatten_call(
         _raise_unhashable(tops, origin, keypath, caller)
     paths = [path for path, _ in pairs]
     leaves = [leaf for _, leaf in pairs]
-    values = [leaf._value if isinstance(leaf, Variable) else leaf for leaf in leaves]
+    values = [unwrap(leaf) for leaf in leaves]
     if check_leaks and not _tracing():
         for i, value in enumerate(values):
             if isinstance(value, jax.core.Tracer):
@@ -204,9 +257,12 @@ def unflatten_call(layout: Layout, paths: Sequence[Path], values: Sequence[Any])
 class OutSpec:
     """What a traced call produced, recorded at trace time (step 3).
 
-    ``sources[k]`` for each leaf of ``graphdef``: ``i >= 0`` means "the
-    unchanged input value ``i``", ``~r`` (negative) means "returned value
-    ``r``". ``reuse`` maps new node numbers to input node numbers.
+    ``sources[k]`` for each leaf of ``graphdef``: ``i >= 0`` means "input
+    leaf ``i``, at the same path, still holding its own input value" (nothing
+    to write back); ``~r`` (negative) means "returned value ``r``": every
+    other leaf, including one that now holds *another* input's value (a
+    stored argument, a swap, a copy). ``reuse`` maps new node numbers to
+    input node numbers.
     """
 
     graphdef: graph.GraphDef  # over (tops, output tops)
@@ -220,26 +276,32 @@ class OutSpec:
 
 def flatten_result(
     layout: Layout,
+    position: dict[Path, int],
     tops: tuple,
     out: Any,
     inside_nodes: dict[int, Any],
     in_values: Sequence[Any],
     always_return: Callable[[int], bool] = lambda i: False,
-) -> tuple[OutSpec, list[Any]]:
-    """Step 3: the OutSpec and the values to return from the JAX transform."""
+) -> tuple[OutSpec, list[Any], list[tuple[Path, Any]]]:
+    """Step 3: the OutSpec, the values to return from the JAX transform, and the leaves.
+
+    ``leaves`` are ``(path, leaf)`` for every leaf of the OutSpec's graphdef
+    (the inside Variables and arrays): transforms that place new Variables by
+    type (``tl.vmap``'s ``StateAxes``) read them. ``position`` is the input's
+    ``{path: leaf index}`` (``Flat.position``).
+    """
     out_tops, out_treedef = jax.tree.flatten(out, is_leaf=is_graph_node)
     nodes: list[Any] = []
     graphdef, pairs = graph.flatten((tops, tuple(out_tops)), nodes)
     number = {id(obj): i for i, obj in inside_nodes.items()}
     reuse = tuple((j, number[id(obj)]) for j, obj in enumerate(nodes) if id(obj) in number)
-    given = {id(v): i for i, v in enumerate(in_values)}
     sources: list[int] = []
     returned: list[Any] = []
     for path, leaf in pairs:
-        value = leaf._value if isinstance(leaf, Variable) else leaf
-        i = given.get(id(value), -1)
-        if i >= 0 and path[0] == 0 and not always_return(i):
-            sources.append(i)
+        value = unwrap(leaf)
+        i = position.get(path[1:], -1) if path[0] == 0 else -1
+        if i >= 0 and value is in_values[i] and not always_return(i):
+            sources.append(i)  # this leaf kept its own input value
             continue
         sources.append(~len(returned))
         returned.append(value)
@@ -256,7 +318,7 @@ def flatten_result(
         same,
         plain,
     )
-    return spec, returned
+    return spec, returned, pairs
 
 
 def write_back(
@@ -296,5 +358,5 @@ def layout_of(tree: Any) -> tuple[Layout, list[Any]]:
     """The Layout and leaf values of a pytree of objects (a loop's carry)."""
     tops, treedef = jax.tree.flatten(tree, is_leaf=is_graph_node)
     graphdef, pairs = graph.flatten(tuple(tops))
-    values = [leaf._value if isinstance(leaf, Variable) else leaf for _, leaf in pairs]
+    values = [unwrap(leaf) for _, leaf in pairs]
     return Layout(treedef, graphdef), values

@@ -1,0 +1,166 @@
+"""What is running now, per thread: the Module calls, their labels, the transforms.
+
+A layer that rejects its input names itself by its path from the outermost
+Module being called (``model.blocks[2].attn``), which it cannot know on its
+own: Modules hold no parent links. So every ``Module.__call__`` is wrapped
+to record itself while it runs. The records are ``contextvars``: each
+thread (and each asyncio task) has its own, so a model running in another
+thread never shows up in this one's error messages or in its ``tl.summary``.
+Only Python-level calls pay for this (eagerly, or once per trace); compiled
+code never sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from typing import Any
+
+from toylib._core.paths import format_path
+from toylib._core.skeleton import iter_graph
+
+__all__ = [
+    "call_path",
+    "intercept_calls",
+    "labelled",
+    "module_path",
+    "running",
+    "track_calls",
+    "transform",
+    "transform_name",
+]
+
+# The Modules whose __call__ is running, innermost first, as a linked list
+# `(module, (outer, (...)))`: pushing is one tuple, whatever the depth.
+_calls: ContextVar[tuple | None] = ContextVar("toylib_calls", default=None)
+# `{id(module): label}` for Modules rebuilt inside a jax transform, which
+# identity lookup cannot find (nn.Stack labels the block it scans `.blocks[*]`).
+_labels: ContextVar[dict[int, str] | None] = ContextVar("toylib_labels", default=None)
+# Wrappers that run every Module call while installed (tl.summary), innermost last.
+_interceptors: ContextVar[tuple[Callable, ...]] = ContextVar("toylib_interceptors", default=())
+# The toylib transforms whose traced function is running, innermost first.
+_transforms: ContextVar[tuple | None] = ContextVar("toylib_transforms", default=None)
+
+
+def track_calls(call: Callable) -> Callable:
+    """Wrap a Module's ``__call__`` so that it records itself while it runs."""
+    if getattr(call, "_tracks_calls", False):
+        return call
+
+    @functools.wraps(call)
+    def tracked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        token = _calls.set((self, _calls.get()))
+        try:
+            interceptors = _interceptors.get()
+            if interceptors:
+                return interceptors[-1](call, self, args, kwargs)
+            return call(self, *args, **kwargs)
+        finally:
+            _calls.reset(token)
+
+    tracked._tracks_calls = True  # type: ignore[attr-defined]
+    return tracked
+
+
+def running() -> list[Any]:
+    """The Modules whose ``__call__`` is running in this thread, outermost first."""
+    out = []
+    link = _calls.get()
+    while link is not None:
+        out.append(link[0])
+        link = link[1]
+    return out[::-1]
+
+
+@contextlib.contextmanager
+def labelled(module: Any, label: str) -> Iterator[None]:
+    """Within the block, ``module_path`` shows ``module`` as ``label`` (e.g. ``.blocks[*]``)."""
+    token = _labels.set({**(_labels.get() or {}), id(module): label})
+    try:
+        yield
+    finally:
+        _labels.reset(token)
+
+
+@contextlib.contextmanager
+def intercept_calls(wrapper: Callable) -> Iterator[None]:
+    """Within the block, every Module call runs as ``wrapper(call, module, args, kwargs)``.
+
+    ``call(module, *args, **kwargs)`` is the Module's own ``__call__``; the
+    wrapper returns the output. A ``super().__call__`` inside an overriding
+    ``__call__`` reaches the wrapper again with the same module. Only calls
+    made in this thread are intercepted.
+    """
+    token = _interceptors.set((*_interceptors.get(), wrapper))
+    try:
+        yield
+    finally:
+        _interceptors.reset(token)
+
+
+@contextlib.contextmanager
+def transform(name: str) -> Iterator[None]:
+    """Within the block, ``transform_name()`` is ``name`` (e.g. ``tl.jit(step)``)."""
+    token = _transforms.set((name, _transforms.get()))
+    try:
+        yield
+    finally:
+        _transforms.reset(token)
+
+
+def transform_name() -> str | None:
+    """The innermost toylib transform whose function is running here, if any."""
+    link = _transforms.get()
+    return None if link is None else link[0]
+
+
+def module_path(module: Any) -> str:
+    """Where ``module`` sits in the model being called: ``model.blocks[2].attn (Attention)``.
+
+    The path runs from the outermost Module whose ``__call__`` is running.
+    A step whose child cannot be found by identity (a copy rebuilt inside a
+    jax transform, e.g. one block of ``nn.Stack``) is shown as ``<Type>``.
+    Outside any call it is ``model (Type)``. Layers use it in error messages.
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> from toylib import nn
+        >>> mlp = nn.MLP([3, 4, 2], rngs=0)
+        >>> mlp(jnp.ones((1, 5)))
+        Traceback (most recent call last):
+        ValueError: model.layers[0] (Linear): expected input of shape (..., 3), got (1, 5).
+        ...
+    """
+    return f"{call_path(module)} ({type(module).__name__})"
+
+
+def call_path(module: Any) -> str:
+    """``module_path`` without the type: ``model.blocks[2].attn``."""
+    stack = running()
+    chain = [m for i, m in enumerate(stack) if i == 0 or m is not stack[i - 1]]
+    if not chain or chain[-1] is not module:
+        chain.append(module)
+    labels = _labels.get() or {}
+    text = "model"
+    for parent, child in itertools.pairwise(chain):
+        text += _child_path(parent, child, labels)
+    return text
+
+
+def _child_path(parent: Any, child: Any, labels: dict[int, str]) -> str:
+    for path, node in iter_graph(parent):
+        if node is child:
+            return format_path(path, root="")
+    return labels.get(id(child), f".<{type(child).__name__}>")
+
+
+def find_path(target: Any) -> str | None:
+    """The path of ``target`` (a Variable) in the outermost running Module that holds it."""
+    for module in running():
+        for path, node in iter_graph(module):
+            if node is target:
+                return format_path(path)
+    return None

@@ -57,3 +57,30 @@ def test_filters_select_state_in_a_model():
     assert sorted(biases.flat()) == [("layers", 0, "bias"), ("layers", 1, "bias")]
     not_params = tl.state(model, tl.Not(tl.Param))
     assert {type(v) for v in not_params.flat().values()} == {tl.BatchStat, tl.RngState}
+
+
+def test_predicates_are_hashable_value_objects():
+    assert to_predicate(tl.Param) == to_predicate(tl.Param)
+    assert hash(to_predicate(tl.Param)) == hash(to_predicate(tl.Param))
+    assert to_predicate(...) == to_predicate(True) and to_predicate(None) == to_predicate(False)
+    assert to_predicate((tl.Param, tl.BatchStat)) == tl.Any(tl.Param, tl.BatchStat)
+    assert len({to_predicate(tl.Param), to_predicate(tl.Param), to_predicate(tl.Cache)}) == 2
+
+
+def test_one_repr_everywhere():
+    assert repr(to_predicate(tl.Param)) == "tl.Param"
+    assert repr(to_predicate(...)) == "..."
+    assert repr(tl.Not(tl.PathContains("bias"))) == "tl.Not(tl.PathContains('bias'))"
+    assert tl.filters.filter_repr(...) == "..."
+
+
+@pytest.mark.parametrize("catch_all", [..., True])
+def test_a_catch_all_before_other_filters_is_an_error(catch_all):
+    model = nn.Sequential(nn.Linear(2, 2, rngs=0), nn.BatchNorm(2))
+    with pytest.raises(
+        ValueError, match=r"(?s)before tl\.BatchStat.*tl\.split\(model, tl\.BatchStat, \.\.\.\)"
+    ):
+        tl.split(model, catch_all, tl.BatchStat)
+    with pytest.raises(ValueError, match="catch-all goes last"):
+        tl.state(model).split(catch_all, tl.BatchStat)
+    assert len(tl.split(model, tl.BatchStat, catch_all)) == 3  # last is fine

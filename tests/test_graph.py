@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -521,3 +523,107 @@ def test_a_catch_all_before_other_filters_is_an_error_and_pops_nothing():
     ):
         tl.pop(model, ..., tl.BatchStat)
     assert len(tl.state(model).flat()) == 4
+
+
+# -- strict writes: kind, shape and dtype per path, all checked before any write ---------
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("layers", 0, "kernel"), jnp.ones((3, 3)), r"float32\[2, 4\].*float32\[3, 3\].*reshape"),
+        (("layers", 0, "kernel"), jnp.ones((2, 4), jnp.int32), r"float32\[2, 4\].*int32.*astype"),
+        (("layers", 1, "bias"), "zeros", r"float32\[1\].*a str.*jnp\.asarray"),
+        (("layers", 1, "bias"), [0.0], r"float32\[1\].*a list"),
+        (("layers", 0, "bias"), tl.BatchStat(jnp.zeros(4)), r"BatchStat.*the model has a Param"),
+    ],
+)
+def test_a_bad_update_names_the_path_and_writes_nothing(path, value, message):
+    from conftest import assert_unchanged, snapshot
+
+    model = nn.MLP([2, 4, 1], rngs=0)
+    before = snapshot(model)
+    good = tl.state(model)  # every other entry is fine: nothing may be written anyway
+    flat = good.flat()
+    flat[path] = value
+    with pytest.raises(ValueError) as info:
+        tl.update(model, tl.State.from_flat(flat))
+    assert f"`{tl._core.paths.format_path(path)}`" in str(info.value)
+    assert re.search(message, str(info.value), re.DOTALL)
+    assert_unchanged(model, before)
+
+
+def test_update_converts_python_numbers_for_scalars_only():
+    class Scalars(tl.Module):
+        def __init__(self):
+            self.step = tl.Variable(jnp.zeros((), jnp.int32))
+            self.temp = tl.Variable(jnp.ones(()))
+
+    model = Scalars()
+    tl.update(model, tl.State({"step": 3, "temp": 0.5}))
+    assert model.step.value.dtype == jnp.int32 and int(model.step.value) == 3
+    assert model.temp.value.dtype == jnp.float32 and float(model.temp.value) == 0.5
+    with pytest.raises(ValueError, match="float32"):
+        tl.update(nn.Linear(2, 2, rngs=0), tl.State({"bias": 1.0}))
+
+
+def test_update_of_a_bare_array_attribute_is_checked_and_seen_by_jit():
+    class Bare(tl.Module):
+        def __init__(self):
+            self.scale = jnp.ones(2)
+
+    model = Bare()
+    step = tl.jit(lambda m: m.scale * 2)
+    step(model)
+    tl.update(model, tl.State({"scale": jnp.full(2, 3.0)}))
+    assert np.asarray(step(model)).tolist() == [6.0, 6.0]
+    with pytest.raises(ValueError, match=r"model\.scale.*float32\[2\]"):
+        tl.update(model, tl.State({"scale": jnp.ones(3)}))
+
+
+def test_clone_copies_buffers():
+    model = nn.Linear(2, 2, rngs=0)
+    copy = tl.clone(model)
+    assert copy.kernel.value is not model.kernel.value
+    model.kernel.value.delete()  # what a donating step does to the original's buffers
+    assert np.asarray(copy.kernel.value).shape == (2, 2)
+
+
+# -- no reference cycles: a model is freed on `del` with the cycle collector off ------------
+
+
+@pytest.mark.parametrize(
+    "use",
+    [
+        lambda m: tl.split(m),
+        lambda m: tl.merge(*tl.split(m)),
+        lambda m: tl.state(m, tl.Param),
+        lambda m: tl.clone(m),
+        lambda m: list(tl.iter_variables(m)),
+        lambda m: tl.pop(m, tl.Intermediate),
+        lambda m: repr(m),
+        lambda m: jax.tree.map(lambda x: x, m),
+        lambda m: [tl.jit(lambda m, x: m(x))(m, jnp.ones((1, 2))) for _ in range(3)],
+        lambda m: tl.grad(lambda m: m(jnp.ones((1, 2))).sum())(m),
+        lambda m: tl.vmap(lambda m, x: m(x), in_axes=(None, 0))(m, jnp.ones((3, 1, 2))),
+        lambda m: tl.Optimizer(m, optax.adam(1e-3)),
+        lambda m: tl.summary(m, jnp.ones((1, 2))),
+    ],
+)
+def test_a_model_is_freed_on_del_without_the_cycle_collector(use):
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(2, 3, rngs=0), nn.BatchNorm(3), nn.Dropout(0.5, rngs=1))
+    model.eval()
+    ref = weakref.ref(model)
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        result = use(model)
+        del model, result
+        assert ref() is None
+    finally:
+        if was_enabled:
+            gc.enable()

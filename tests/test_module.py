@@ -351,3 +351,189 @@ def test_call_tracking_keeps_signature_and_subclass_super_calls():
     assert Child()(jnp.ones(2)).shape == (2,)
     with pytest.raises(ValueError, match=r"^model\.lin \(Linear\)"):
         Child()(jnp.ones(3))
+
+
+# -- call tracking is per thread --------------------------------------------------------
+
+
+def test_error_paths_stay_right_while_another_thread_runs_a_model():
+    from conftest import run_in_threads
+
+    def failing():
+        model = _Model()
+        messages = set()
+        for _ in range(30):
+            try:
+                model(jnp.ones((7, 5)))
+            except ValueError as error:
+                messages.add(str(error).split(":")[0])
+        return messages
+
+    def busy():
+        deep = nn.Sequential(*[nn.MLP([3, 3, 3], rngs=i) for i in range(6)])
+        for _ in range(30):
+            deep(jnp.ones(3))
+        return "done"
+
+    results = run_in_threads(failing, busy, failing)
+    assert results[0] == results[2] == {"model.encoder.layers[0] (Linear)"}
+    assert results[1] == "done"
+
+
+def test_nested_labels_on_one_module_restore_the_outer_one():
+    from toylib._core import calls
+
+    outer = nn.Linear(2, 2, rngs=0)
+    inner = nn.Linear(2, 2, rngs=1)
+    with calls.labelled(inner, ".a"):
+        with calls.labelled(inner, ".b"):
+            assert calls._child_path(outer, inner, calls._labels.get()) == ".b"
+        assert calls._child_path(outer, inner, calls._labels.get()) == ".a"
+    assert calls._labels.get() in (None, {})
+
+
+# -- static values: arrays hidden at any depth are found --------------------------------
+
+
+class _Slotted:
+    __slots__ = ("weights",)
+
+    def __init__(self):
+        self.weights = jnp.ones(2)
+
+
+class _Deep:
+    def __init__(self, depth):
+        self.child = _Deep(depth - 1) if depth else None
+        self.leaf = jnp.ones(1) if not depth else 0
+
+
+def _closure():
+    w = jnp.ones(3)
+    return lambda x: x @ w
+
+
+class _Holder:
+    def __init__(self):
+        self.w = jnp.ones(2)
+
+    def apply(self, x):
+        return x * self.w
+
+
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [
+        (_Slotted(), r"M\.thing\.weights"),
+        (_Deep(5), r"M\.thing(\.child){5}\.leaf"),
+        (_closure(), r"M\.thing \(closed-over `w`\)"),
+        (functools.partial(jnp.add, y=jnp.ones(2)), r"M\.thing\.keywords\['y'\]"),
+        (_Holder().apply, r"M\.thing\.__self__\.w"),
+        ((lambda x, w=jnp.ones(2): x * w), r"M\.thing\.__defaults__\[0\]"),
+        ({"cfg": [_Slotted()]}, r"M\.thing\['cfg'\]\[0\]\.weights"),
+    ],
+)
+def test_an_array_hidden_anywhere_in_a_static_value_is_an_error(value, where):
+    class M(tl.Module):
+        pass
+
+    model = M()
+    with pytest.raises(TypeError, match=rf"(?s)found an array at `{where}`.*never trained"):
+        model.thing = value
+    assert "thing" not in vars(model)
+
+
+def test_cycles_and_plain_objects_in_static_values_are_fine():
+    class Config:
+        def __init__(self):
+            self.me = self
+            self.sizes = (1, 2)
+            self.fn = jax.nn.relu
+
+    class M(tl.Module):
+        def __init__(self):
+            self.cfg = Config()
+            self.act = jax.nn.gelu
+            self.opt = optax.adam(1e-3)
+
+    model = M()
+    assert jax.tree.leaves(model) == []
+
+
+def test_a_module_of_another_framework_is_named():
+    from flax import nnx
+
+    class M(tl.Module):
+        pass
+
+    with pytest.raises(
+        TypeError, match=r"(?s)M\.layer: a Flax object \(Linear\) holds arrays.*tl\.Param"
+    ):
+        M().layer = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+
+
+# -- which attributes are data is decided on assignment ------------------------------------
+
+
+class _Bare(tl.Module):
+    def __init__(self):
+        self.arr = jnp.ones(3)
+        self.items = [jnp.ones(2), jnp.zeros(2)]
+        self.pair = (jnp.ones(1), 2)
+        self.table = {"w": jnp.ones(1), "n": 3}
+        self.param = tl.Param(jnp.ones(2))
+        self.act = jax.nn.relu
+
+
+@pytest.mark.parametrize("leaf", [True, None, "label", 0])
+def test_tree_map_to_any_value_keeps_the_models_structure(leaf):
+    model = _Bare()
+    mapped = jax.tree.map(lambda x: leaf, model)
+    is_leaf = (lambda x: x is None) if leaf is None else None
+    assert jax.tree.structure(mapped, is_leaf=is_leaf) == jax.tree.structure(model)
+    assert tl.split(mapped)[0] == tl.split(model)[0]  # the graph view agrees
+    twice = jax.tree.map(lambda x: x, mapped, is_leaf=is_leaf)
+    assert jax.tree.structure(twice, is_leaf=is_leaf) == jax.tree.structure(model)
+
+
+def test_assigning_to_a_rebuilt_module_decides_again_by_type():
+    mapped = jax.tree.map(lambda x: True, _Bare())
+    mapped.arr = "now static"
+    assert "now static" not in jax.tree.leaves(mapped)
+    mapped.items.append(jnp.ones(1))  # a mutated container: its items' types decide
+    assert len(jax.tree.leaves(mapped.items)) == 3
+
+
+def test_masks_and_partitions_from_optax_and_equinox_work_on_any_module():
+    import equinox as eqx
+
+    model = _Bare()
+    mask = jax.tree.map(lambda x: True, model)
+    tx = optax.masked(optax.sgd(0.1), mask)
+    updates, _ = tx.update(model, tx.init(model), model)
+    assert jax.tree.structure(updates) == jax.tree.structure(model)
+    dynamic, static = eqx.partition(model, eqx.is_array)
+    back = eqx.combine(dynamic, static)
+    assert jax.tree.structure(back) == jax.tree.structure(model)
+
+    @eqx.filter_jit
+    def total(m):
+        return sum(jnp.sum(x) for x in jax.tree.leaves(m) if eqx.is_array(x))
+
+    for _ in range(2):
+        assert float(total(model)) == float(total(back)) == 3 + 2 + 1 + 1 + 2
+
+
+def test_raw_grad_and_tl_grad_with_wrt_everything_train_bare_arrays():
+    model = _Bare()
+
+    def loss(m):
+        return jnp.sum(m.arr) + jnp.sum(m.items[0] * 2) + jnp.sum(m.param)
+
+    raw = jax.grad(loss)(model)
+    ours = tl.grad(loss, wrt=...)(model)
+    assert ours.arr.tolist() == raw.arr.tolist() == [1.0, 1.0, 1.0]
+    assert ours["items"][0].tolist() == [2.0, 2.0]
+    assert set(ours.flat()) == set(tl.state(model).flat())
+    only_params = tl.grad(loss)(model)
+    assert list(only_params.flat()) == [("param",)]

@@ -382,6 +382,16 @@ def test_conv_wrong_feature_size_is_a_clear_error():
         conv(jnp.ones((7, CIN)))
 
 
+def test_a_channels_first_input_gets_the_moveaxis_fix():
+    conv = make_conv(CIN, 6, (3, 3), rngs=0)
+    nchw = jnp.ones((2, CIN, 7, 5))
+    with pytest.raises(
+        ValueError, match=r"(?s)channels-last.*looks channels-first.*moveaxis\(x, 1, -1\)"
+    ):
+        conv(nchw)
+    assert conv(jnp.moveaxis(nchw, 1, -1)).shape == (2, 7, 5, 6)  # the fix works
+
+
 def test_conv_bad_arguments_are_clear_errors():
     with pytest.raises(ValueError, match=r"(?s)feature_group_count=3.*divisible"):
         make_conv(CIN, 6, 3, feature_group_count=3, rngs=0)

@@ -248,3 +248,20 @@ def test_the_call_recorder_is_removed_even_on_error():
     with pytest.raises(ValueError, match="expected input"):
         tl.summary(nn.Linear(3, 2, rngs=0), jnp.ones((1, 5)), console=quiet())
     assert calls._interceptors.get() == ()
+
+
+def test_summary_records_only_its_own_threads_calls():
+    from conftest import run_in_threads
+
+    def summarise():
+        mlp = nn.MLP([3, 16, 2], rngs=0)
+        return [r.path for r in tl.summary(mlp, jnp.ones((5, 3)), console=quiet()).rows]
+
+    def busy():
+        other = nn.Sequential(*[nn.Linear(3, 3, rngs=i) for i in range(5)])
+        for _ in range(40):
+            other(jnp.ones(3))
+        return "done"
+
+    rows = ["model", "model.layers[0]", "model.layers[1]"]
+    assert run_in_threads(summarise, busy, summarise) == [rows, "done", rows]

@@ -915,3 +915,237 @@ def test_failing_function_leaves_model_unchanged():
     assert int(model.count.value) == 1
     f(model, jnp.ones(2))
     assert int(model.count.value) == 2
+
+
+# -- the fast path is invalidated per object, and writes back every change -------------
+
+
+class Scaled(tl.Module):
+    def __init__(self):
+        self.w = tl.Param(jnp.ones(2), scale=1.0)
+
+    def __call__(self, x):
+        return x * self.w * self.w.scale
+
+
+def test_variable_metadata_written_in_place_recompiles():
+    model = Scaled()
+    step = tl.jit(lambda m, x: m(x))
+    for _ in range(2):
+        assert _np(step(model, jnp.ones(2))).tolist() == [1.0, 1.0]
+    model.w.scale = 10.0  # metadata is static: a new program, not the stale one
+    for _ in range(2):
+        assert _np(step(model, jnp.ones(2))).tolist() == [10.0, 10.0]
+
+
+def test_a_structural_change_elsewhere_keeps_this_fast_path():
+    model = nn.MLP([2, 4, 2], rngs=0)
+    step = tl.jit(lambda m, x: m(x))
+    step(model, jnp.ones(2))
+    step(model, jnp.ones(2))
+    fast = step._fast
+    other = nn.MLP([2, 4, 2], rngs=1)
+    other.extra = 3  # another model's attribute
+    other.layers.append(nn.Linear(2, 2, rngs=0))  # another model's list
+    tl.metrics.Average()  # building anything at all
+    step(model, jnp.ones(2))
+    assert step._fast is fast and fast.valid
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: setattr(m, "extra", 1),
+        lambda m: setattr(m.layers[0], "note", "x"),
+        lambda m: setattr(m, "final_activation", jax.nn.tanh),
+        lambda m: m.layers.append(nn.Linear(2, 2, rngs=3)),
+        lambda m: m.layers.insert(0, nn.Linear(2, 2, rngs=5)),
+        lambda m: m.layers.__setitem__(1, nn.Linear(4, 2, rngs=4)),
+    ],
+)
+def test_a_structural_change_to_this_model_drops_the_fast_path(change):
+    model = nn.MLP([2, 4, 2], rngs=0)
+    step = tl.jit(lambda m, x: m(x))
+    step(model, jnp.ones(2))
+    fast = step._fast
+    change(model)
+    assert not fast.valid
+    for _ in range(2):
+        assert np.allclose(_np(step(model, jnp.ones(2))), _np(model(jnp.ones(2))))
+
+
+class Slots(tl.Module):
+    def __init__(self):
+        self.a = tl.Variable(jnp.zeros(2))
+        self.b = tl.Variable(jnp.ones(2))
+        self.last = tl.Variable(jnp.zeros(2))
+        self.table = {"x": tl.Variable(jnp.zeros(2)), "y": tl.Variable(jnp.full(2, 5.0))}
+
+
+@pytest.mark.parametrize("donate", [(), 0])
+def test_values_taken_from_other_inputs_are_written_on_every_call(donate):
+    @tl.jit(donate=donate)
+    def step(m, x):
+        m.a.value, m.b.value = m.b.value, m.a.value  # a swap
+        m.last.value = x  # an argument stored as it is
+        m.table["x"].value = m.table["y"].value  # a copy
+        m.table["y"].value = m.table["y"].value + 1
+
+    model = Slots()
+    a, b = np.zeros(2), np.ones(2)
+    y = np.full(2, 5.0)
+    for i in range(4):
+        step(model, jnp.full(2, float(i)))
+        a, b = b, a
+        x, y = y, y + 1
+        assert _np(model.a.value).tolist() == a.tolist()
+        assert _np(model.b.value).tolist() == b.tolist()
+        assert _np(model.last.value).tolist() == [float(i)] * 2
+        assert _np(model.table["x"].value).tolist() == x.tolist()
+        assert _np(model.table["y"].value).tolist() == y.tolist()
+    assert step._fast is not None  # the later calls ran on the fast path
+
+
+def test_python_value_passed_through_is_returned():
+    step = tl.jit(lambda x, y: (x, y + 1))
+    for _ in range(3):
+        x, y = step(jnp.ones(2), jnp.zeros(2))
+        assert _np(x).tolist() == [1.0, 1.0] and _np(y).tolist() == [1.0, 1.0]
+
+
+class Dicts(tl.Module):
+    def __init__(self):
+        import collections
+
+        self.ordered = collections.OrderedDict(b=tl.Param(jnp.ones(1)), a=tl.Param(jnp.zeros(1)))
+        self.default = collections.defaultdict(list, w=tl.Param(jnp.full(1, 2.0)))
+
+    def __call__(self, x):
+        return x * self.ordered["b"] + self.ordered["a"] + self.default["w"]
+
+
+def test_ordered_dict_and_defaultdict_attributes_rebuild_and_are_tracked():
+    import collections
+
+    model = Dicts()
+    assert isinstance(model.ordered, collections.OrderedDict)
+    assert isinstance(model.default, collections.defaultdict)
+    assert list(model.ordered) == ["b", "a"]  # insertion order kept
+    mapped = jax.tree.map(lambda x: x + 1, model)  # raw jax rebuilds them
+    assert mapped.default.default_factory is list and list(mapped.ordered) == ["b", "a"]
+    assert list(tl.clone(model).ordered) == ["b", "a"]
+    step = tl.jit(lambda m, x: m(x))
+    assert _np(step(model, jnp.ones(1))).tolist() == [3.0]
+    fast = step._fast
+    model.ordered["a"] = tl.Param(jnp.full(1, 10.0))
+    assert not fast.valid
+    assert _np(step(model, jnp.ones(1))).tolist() == [13.0]
+    step(model, jnp.ones(1))
+    model.default["new"].append(1)  # a missing key inserts a default: a mutation too
+    assert not step._fast.valid
+
+
+def test_a_list_subclass_holding_arrays_is_refused():
+    class MyList(list):
+        pass
+
+    model = nn.Linear(2, 2, rngs=0)
+    with pytest.raises(
+        TypeError, match=r"(?s)Linear\.layers: a MyList cannot be stored.*list\(value\)"
+    ):
+        model.layers = MyList([nn.Linear(2, 2, rngs=1)])
+    assert not hasattr(model, "layers")
+
+
+def test_unknown_static_argnames_is_an_error():
+    def step(model, x, *, train=False):
+        return x
+
+    with pytest.raises(ValueError, match=r"(?s)no parameter 'trian'.*model, x, train"):
+        tl.jit(step, static_argnames=("trian",))
+    tl.jit(step, static_argnames="train")  # known names are fine
+    tl.jit(lambda **kw: 0, static_argnames="anything")  # **kwargs takes any name
+
+
+def test_a_changing_python_number_warns_once_after_eight_programs():
+    @tl.jit
+    def step(x, i):
+        return x * i
+
+    with pytest.warns(UserWarning, match=r"(?s)compiled 8 times.*`args\[1\]`.*jnp\.asarray\(i\)"):
+        for i in range(8):
+            step(jnp.ones(1), i)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: no second warning
+        for i in range(8, 12):
+            step(jnp.ones(1), i)
+        for _ in range(10):
+            step(jnp.ones(1), jnp.asarray(3))  # traced: one program, no warning
+
+
+def test_jitted_function_is_named_like_the_function_and_lowers():
+    def train_step(model, x):
+        """Docs of the step."""
+        return model(x)
+
+    step = tl.jit(train_step)
+    assert step.__name__ == "train_step" and step.__wrapped__ is train_step
+    assert step.__doc__ == "Docs of the step." and "train_step" in step.__qualname__
+    assert repr(step) == "<tl.jit(train_step)>"
+    model = nn.Linear(2, 2, rngs=0)
+    text = step.lower(model, jnp.ones(2)).as_text()
+    assert "jit_train_step" in text
+    assert step.lower(model, jnp.ones(2)).compile() is not None
+
+
+def test_jit_used_as_a_method_decorator_binds_self():
+    class Model(tl.Module):
+        def __init__(self):
+            self.linear = nn.Linear(2, 2, rngs=0)
+
+        @tl.jit
+        def forward(self, x):
+            return self.linear(x)
+
+    model = Model()
+    assert _np(model.forward(jnp.ones(2))).tolist() == _np(model.linear(jnp.ones(2))).tolist()
+
+
+def test_a_clone_survives_a_donating_step():
+    model = nn.MLP([2, 4, 1], rngs=0)
+    before = tl.clone(model)
+    snapshot_state = tl.state(model)  # shares buffers: donation may delete them
+    step = tl.jit(_sgd_step, donate=0)
+    step(model, jnp.ones((3, 2)), jnp.ones((3, 1)))
+    assert all(np.isfinite(_np(v.value)).all() for v in tl.state(before).flat().values())
+    del snapshot_state
+
+
+def test_closed_over_variable_error_names_its_path_and_the_transform():
+    model = Counter(2, 2, rngs=0)
+
+    @tl.jit
+    def predict(x):
+        return model(x)
+
+    with pytest.raises(
+        RuntimeError, match=r"(?s)^model\.count: this Variable .*outside tl\.jit\(predict\)"
+    ):
+        predict(jnp.ones(2))
+
+
+def test_threads_each_run_their_own_model():
+    from conftest import run_in_threads
+
+    step = tl.jit(lambda m, x: m(x))
+
+    def work(seed):
+        model = Counter(2, 2, rngs=seed)
+        outs = [step(model, jnp.ones(2)) for _ in range(20)]
+        expected = _np(jnp.ones(2) @ model.w.value + model.b.value)
+        assert all(np.allclose(_np(o), expected) for o in outs)
+        return int(model.count.value)
+
+    assert run_in_threads(*(lambda s=s: work(s) for s in range(4))) == [20] * 4

@@ -168,3 +168,21 @@ def test_assigning_a_variable_to_itself_unwraps():
     a = tl.Variable(jnp.ones(2))
     b = tl.Variable(a)  # a Variable given as a value is unwrapped
     assert b.value is a.value
+
+
+def test_a_list_becomes_an_array():
+    p = tl.Param([1.0, 2.0])
+    assert isinstance(p.value, jax.Array) and p.value.dtype == jnp.float32
+    assert p.value.tolist() == [1.0, 2.0]
+
+
+def test_metadata_write_is_seen_by_watchers():
+    from toylib._core import watchers
+
+    v = tl.Param(jnp.ones(2), scale=1.0)
+    token = watchers.Token()
+    watchers.watch(v, token)
+    v.value = jnp.zeros(2)  # a value: not structure
+    assert token.valid
+    v.scale = 2.0
+    assert not token.valid

@@ -58,6 +58,18 @@ def check_features(
     got = shape[axis] if -ndim <= axis < ndim else None
     if ndim < spatial + 1:
         fix = f"give at least {spatial + 1} axes ({spatial} spatial, then the {features} channels)."
+    elif spatial:
+        first = ndim - spatial - 1  # where a channels-first (NCHW) input keeps its channels
+        looks = (
+            f" (axis {first} has {features}: it looks channels-first)"
+            if (first >= 0 and shape[first] == features)
+            else ""
+        )
+        fix = (
+            f"convolutions take channels-last inputs (*batch, *spatial, channels){looks}. "
+            f"Move the channels of an NCHW array last with `jnp.moveaxis(x, {first}, -1)`, "
+            f"or build the layer with {name}={got}."
+        )
     else:
         fix = (
             f"feed {features} features on axis {axis} ({name}={features}), "

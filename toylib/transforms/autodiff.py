@@ -7,23 +7,26 @@ from typing import Any
 
 import jax
 
-from toylib._core.filters import to_predicate
+from toylib._core.filters import filter_repr, to_predicate
 from toylib._core.paths import format_path
 from toylib._core.state import State
 from toylib._core.variables import Param, Variable
 from toylib.transforms.lifting import (
+    Transform,
+    call_inside,
     flatten_call,
     flatten_result,
     interleave,
     is_graph_node,
+    named,
     unflatten_call,
     write_back,
 )
 
-__all__ = ["grad", "value_and_grad"]
+__all__ = ["Differentiated", "grad", "value_and_grad"]
 
 NOTHING_TO_DIFFERENTIATE = """\
-{caller}: the wrt filter ({wrt!r}) selects no Variable in argument(s) {argnums}, so
+{caller}: the wrt filter ({wrt}) selects no Variable in argument(s) {argnums}, so
 there is nothing to differentiate.
 Fix: differentiate the argument that holds the Params, or widen the filter:
 
@@ -55,8 +58,11 @@ def value_and_grad(
         fn: returns a scalar loss (or ``(loss, aux)`` with ``has_aux``).
         argnums: which argument(s) to differentiate.
         wrt: a filter: which Variables of those arguments to differentiate
-            (default ``tl.Param``). Plain array arguments are differentiated
-            whole, as ``jax.grad`` does.
+            (default ``tl.Param``). Bare array attributes of Modules are data
+            too: a filter that matches them (``...``) differentiates them, and
+            their gradients appear in the State as plain arrays; type filters
+            (``tl.Param``) match Variables of that type only. Plain array
+            arguments are differentiated whole, as ``jax.grad`` does.
         has_aux: whether ``fn`` returns ``(loss, aux)``.
 
     Returns:
@@ -108,44 +114,83 @@ def grad(
 
 def _differentiate(
     fn: Callable, argnums: Any, wrt: Any, has_aux: bool, caller: str, with_value: bool
-) -> Callable:
-    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-    predicate = to_predicate(wrt)
+) -> Differentiated:
+    return Differentiated(fn, argnums, wrt, has_aux, caller, with_value)
 
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        flat = flatten_call(args, kwargs, caller)
+
+class Differentiated(Transform):
+    """The callable ``tl.grad`` and ``tl.value_and_grad`` return. See ``value_and_grad``."""
+
+    def __init__(
+        self, fn: Callable, argnums: Any, wrt: Any, has_aux: bool, caller: str, with_value: bool
+    ) -> None:
+        super().__init__(fn)
+        self.kind = caller
+        self._argnums = argnums
+        self._nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+        self._wrt, self._predicate = wrt, to_predicate(wrt)
+        self._has_aux, self._with_value = has_aux, with_value
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat = flatten_call(args, kwargs, self.label)
         has_nodes = {o for o, top in zip(flat.origin, flat.tops, strict=True) if is_graph_node(top)}
+        chosen = self._chosen(flat, has_nodes)
+        chosen_set = set(chosen)
+        others = [i for i in range(len(flat.values)) if i not in chosen_set]
+        specs: list = []
+        pure = named(self._pure(flat, chosen, others, specs), self._fn)
+        diff = [flat.values[i] for i in chosen]
+        rest = [flat.values[i] for i in others]
+        (loss, returned), grads = jax.value_and_grad(pure, has_aux=True)(diff, rest)
+        aux = write_back(specs[-1], flat, returned)
+        by_arg = _grads_by_argument(flat, chosen, grads, self._nums, has_nodes, args, kwargs)
+        result = by_arg[0] if isinstance(self._argnums, int) else tuple(by_arg)
+        value = (loss, aux) if self._has_aux else loss
+        if self._with_value:
+            return value, result
+        return (result, aux) if self._has_aux else result
+
+    def _chosen(self, flat: Any, has_nodes: set) -> list[int]:
+        """The leaves to differentiate: ``wrt`` matches in Module arguments, plain arrays whole.
+
+        Bare arrays inside Modules are data like Variables: a filter that
+        matches them (``...``) differentiates them; type filters do not.
+        """
         chosen: list[int] = []
         for i, leaf in enumerate(flat.leaves):
             arg = flat.origin[flat.paths[i][0]]
-            if arg not in nums:
+            if arg not in self._nums:
                 continue
             if arg in has_nodes:
-                if not (isinstance(leaf, Variable) and predicate(flat.arg_path(i), leaf)):
+                if not self._predicate(flat.arg_path(i), leaf):
                     continue
-                if not jax.dtypes.issubdtype(jax.typeof(flat.values[i]).dtype, jax.numpy.inexact):
+                dtype = jax.typeof(flat.values[i]).dtype
+                if not jax.dtypes.issubdtype(dtype, jax.numpy.inexact):
                     raise TypeError(
                         NOT_FLOAT.format(
-                            caller=caller,
+                            caller=self.kind,
                             path=format_path(flat.arg_path(i), root=f"args[{arg}]"),
-                            kind=type(leaf).__name__,
-                            dtype=jax.typeof(flat.values[i]).dtype,
+                            kind=type(leaf).__name__ if isinstance(leaf, Variable) else "array",
+                            dtype=dtype,
                         )
                     )
             chosen.append(i)
         if not chosen:
-            raise ValueError(NOTHING_TO_DIFFERENTIATE.format(caller=caller, wrt=wrt, argnums=nums))
-        chosen_set = set(chosen)
-        others = [i for i in range(len(flat.values)) if i not in chosen_set]
-        specs = []
+            raise ValueError(
+                NOTHING_TO_DIFFERENTIATE.format(
+                    caller=self.kind, wrt=filter_repr(self._wrt), argnums=self._nums
+                )
+            )
+        return chosen
 
+    def _pure(self, flat: Any, chosen: list[int], others: list[int], specs: list) -> Callable:
         def pure(diff: list, rest: list) -> tuple:
             values = interleave(len(flat.values), (chosen, diff), (others, rest))
             inner_args, inner_kwargs, tops, inside = unflatten_call(flat.layout, flat.paths, values)
-            out = fn(*inner_args, **inner_kwargs)
-            if has_aux:
+            out = call_inside(self.label, self._fn, inner_args, inner_kwargs)
+            if self._has_aux:
                 if not (isinstance(out, tuple) and len(out) == 2):
-                    raise TypeError(BAD_AUX.format(caller=caller, kind=type(out).__name__))
+                    raise TypeError(BAD_AUX.format(caller=self.kind, kind=type(out).__name__))
                 loss, aux = out
             else:
                 loss, aux = out, None
@@ -155,18 +200,12 @@ def _differentiate(
             specs.append(spec)
             return loss, returned
 
-        diff = [flat.values[i] for i in chosen]
-        rest = [flat.values[i] for i in others]
-        (loss, returned), grads = jax.value_and_grad(pure, has_aux=True)(diff, rest)
-        aux = write_back(specs[-1], flat, returned)
-        by_arg = _grads_by_argument(flat, chosen, grads, nums, has_nodes, args, kwargs)
-        result = by_arg[0] if isinstance(argnums, int) else tuple(by_arg)
-        value = (loss, aux) if has_aux else loss
-        if with_value:
-            return value, result
-        return (result, aux) if has_aux else result
+        return pure
 
-    return wrapper
+
+def _like(leaf: Any, gradient: Any) -> Any:
+    """The gradient in the leaf's kind: a Variable of its type, or a bare array."""
+    return leaf.replace(value=gradient) if isinstance(leaf, Variable) else gradient
 
 
 def _grads_by_argument(
@@ -190,9 +229,7 @@ def _grads_by_argument(
             out.append(flat.leaves[i].replace(value=g))
         elif arg in has_nodes:
             out.append(
-                State.from_flat(
-                    (flat.arg_path(i), flat.leaves[i].replace(value=g)) for i, g in picked
-                )
+                State.from_flat((flat.arg_path(i), _like(flat.leaves[i], g)) for i, g in picked)
             )
         else:  # a plain pytree of arrays: gradients in its own structure (None if static)
             value = args[arg] if isinstance(arg, int) else kwargs[arg]

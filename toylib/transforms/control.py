@@ -9,15 +9,18 @@ import jax
 
 from toylib.transforms.lifting import (
     OutSpec,
+    Transform,
+    call_inside,
     flatten_call,
     flatten_result,
     layout_of,
+    named,
     unflatten_call,
     write_back,
     write_values,
 )
 
-__all__ = ["cond", "eval_shape", "fori_loop", "remat", "switch"]
+__all__ = ["Rematted", "cond", "eval_shape", "fori_loop", "remat", "switch"]
 
 BRANCH_STRUCTURE = """\
 {caller}: the branches leave the operands with different structures (one adds,
@@ -35,12 +38,14 @@ Fix: return the (updated) carry itself, e.g. `return model` or `return (model, x
 """
 
 
-def _lift(fn: Callable, flat: Any, record: list, always_return: bool = False) -> Callable:
+def _lift(
+    fn: Callable, flat: Any, record: list, label: str, always_return: bool = False
+) -> Callable:
     """``fn`` as a pure function of the leaf values, recording its OutSpec."""
 
     def pure(values: list) -> list:
         inner_args, inner_kwargs, tops, inside = unflatten_call(flat.layout, flat.paths, values)
-        out = fn(*inner_args, **inner_kwargs)
+        out = call_inside(label, fn, inner_args, inner_kwargs)
         spec, returned, _ = flatten_result(
             flat.layout,
             flat.position,
@@ -53,7 +58,7 @@ def _lift(fn: Callable, flat: Any, record: list, always_return: bool = False) ->
         record.append(spec)
         return returned
 
-    return pure
+    return named(pure, fn)
 
 
 def _never(i: int) -> bool:
@@ -86,15 +91,28 @@ def remat(
     """
     if fn is None:
         return lambda f: remat(f, policy=policy, prevent_cse=prevent_cse)
+    return Rematted(fn, policy, prevent_cse)
 
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        flat = flatten_call(args, kwargs, "tl.remat")
+
+class Rematted(Transform):
+    """The callable ``tl.remat`` returns. See ``remat``."""
+
+    kind = "tl.remat"
+
+    def __init__(self, fn: Callable, policy: Callable | None, prevent_cse: bool) -> None:
+        super().__init__(fn)
+        self._policy, self._prevent_cse = policy, prevent_cse
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        flat = flatten_call(args, kwargs, self.label)
         record: list[OutSpec] = []
-        pure = jax.checkpoint(_lift(fn, flat, record), policy=policy, prevent_cse=prevent_cse)
+        pure = jax.checkpoint(
+            _lift(self._fn, flat, record, self.label),
+            policy=self._policy,
+            prevent_cse=self._prevent_cse,
+        )
         returned = pure(list(flat.values))
         return write_back(record[-1], flat, returned)
-
-    return wrapper
 
 
 def switch(index: Any, branches: Sequence[Callable], *operands: Any) -> Any:
@@ -115,7 +133,7 @@ def switch(index: Any, branches: Sequence[Callable], *operands: Any) -> Any:
     """
     flat = flatten_call(operands, {}, "tl.switch")
     record: list[OutSpec] = []
-    pures = [_lift(branch, flat, record, always_return=True) for branch in branches]
+    pures = [_lift(b, flat, record, "tl.switch", always_return=True) for b in branches]
     try:
         returned = jax.lax.switch(index, pures, list(flat.values))
     except TypeError:  # jax compares the branches first: say what differs in toylib terms
@@ -141,8 +159,8 @@ def cond(pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> An
     """
     flat = flatten_call(operands, {}, "tl.cond")
     record: list[OutSpec] = []
-    pure_true = _lift(true_fn, flat, record, always_return=True)
-    pure_false = _lift(false_fn, flat, record, always_return=True)
+    pure_true = _lift(true_fn, flat, record, "tl.cond", always_return=True)
+    pure_false = _lift(false_fn, flat, record, "tl.cond", always_return=True)
     try:
         returned = jax.lax.cond(pred, pure_true, pure_false, list(flat.values))
     except TypeError:  # jax compares the branches first: say what differs in toylib terms
@@ -182,7 +200,7 @@ def fori_loop(
 
     def body(i: Any, values: list) -> list:
         (val,), _, _, _ = unflatten_call(flat.layout, flat.paths, values)
-        layout, new_values = layout_of(((body_fun(i, val),), {}))
+        layout, new_values = layout_of(((call_inside("tl.fori_loop", body_fun, (i, val), {}),), {}))
         if layout != flat.layout:
             raise ValueError(LOOP_STRUCTURE)
         return new_values
@@ -209,5 +227,6 @@ def eval_shape(fn: Callable, *args: Any, **kwargs: Any) -> Any:
     flat = flatten_call(args, kwargs, "tl.eval_shape")
     record: list[OutSpec] = []
     # Everything is returned, so unchanged inputs come back abstract too.
-    returned = jax.eval_shape(_lift(fn, flat, record, always_return=True), list(flat.values))
+    pure = _lift(fn, flat, record, "tl.eval_shape", always_return=True)
+    returned = jax.eval_shape(pure, list(flat.values))
     return write_back(record[-1], flat, returned, update=False)

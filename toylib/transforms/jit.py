@@ -197,7 +197,7 @@ class Jitted(Transform):
         self._jit_kwargs = jit_kwargs
         self._compiled: dict[Layout, _Compiled] = {}
         self._fast: _Fast | None = None
-        self._previous: Flat | None = None  # the last Layout compiled, to explain retraces
+        self._previous: Layout | None = None  # the last Layout compiled, to explain retraces
         self._retraces: dict[Any, int] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -270,10 +270,10 @@ class Jitted(Transform):
 
     def _note_retrace(self, flat: Flat) -> None:
         """Warn once per argument whose changing Python value keeps forcing new programs."""
-        previous, self._previous = self._previous, flat
-        if previous is None or previous.layout.treedef != flat.layout.treedef:
+        previous, self._previous = self._previous, flat.layout
+        if previous is None or previous.treedef != flat.layout.treedef:
             return
-        before, now = _top_skeletons(previous), _top_skeletons(flat)
+        before, now = _top_skeletons(previous), _top_skeletons(flat.layout)
         if len(before) != len(now):
             return
         for t, (old, new) in enumerate(zip(before, now, strict=True)):
@@ -359,9 +359,9 @@ class Jitted(Transform):
         self._fast = None
 
 
-def _top_skeletons(flat: Flat) -> tuple:
+def _top_skeletons(layout: Layout) -> tuple:
     """The skeleton of each top-level argument leaf (a Python value: ``Static``)."""
-    root = flat.layout.graphdef.root
+    root = layout.graphdef.root
     if type(root) is Seq:
         return root.items
     return tuple(Static(v) for v in root.value)

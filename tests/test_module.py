@@ -429,7 +429,7 @@ class _Holder:
         (_closure(), r"M\.thing \(closed-over `w`\)"),
         (functools.partial(jnp.add, y=jnp.ones(2)), r"M\.thing\.keywords\['y'\]"),
         (_Holder().apply, r"M\.thing\.__self__\.w"),
-        ((lambda x, w=jnp.ones(2): x * w), r"M\.thing\.__defaults__\[0\]"),
+        ((lambda x, w=jnp.ones(2): x * w), r"M\.thing\.__defaults__\[0\]"),  # noqa: B008 (the point of the test)
         ({"cfg": [_Slotted()]}, r"M\.thing\['cfg'\]\[0\]\.weights"),
     ],
 )

@@ -8,6 +8,10 @@ library runs the same step on the same shapes:
 * toylib:     tl.jit(step)(model, optimizer, x, y) with tl.value_and_grad and
               tl.Optimizer, state updated in place
 * equinox:    eqx.filter_jit, returns the new model and optax state
+* toylib + unrelated change: the same tl.jit step, with a structural change
+              to *another* model between calls (an attribute assigned, a list
+              appended to): tl.jit invalidates its cache per object, so this
+              must cost what the plain step costs (ratio to "toylib tl.jit")
 * nnx:        nnx.jit(step)(model, optimizer, x, y) with nnx.Optimizer
 * nnx cached: nnx.cached_partial(step, model, optimizer)(x, y)
 
@@ -79,6 +83,21 @@ def make_toylib(depth: int) -> Callable:
         return loss
 
     return lambda x, y: step(model, optimizer, x, y)
+
+
+def make_toylib_unrelated_change(depth: int) -> Callable:
+    step = make_toylib(depth)
+    other = nn.MLP([WIDTH, WIDTH], rngs=1)
+    count = [0]
+
+    def run(x, y):
+        count[0] += 1
+        other.note = count[0]  # a structural change to another model
+        if count[0] % 100 == 0:
+            other.layers.append(nn.Identity())
+        return step(x, y)
+
+    return run
 
 
 def make_equinox(depth: int) -> Callable:
@@ -157,6 +176,7 @@ def make_nnx_cached(depth: int) -> Callable:
 LIBRARIES = {
     "raw jax.jit": make_raw,
     "toylib tl.jit": make_toylib,
+    "toylib + unrelated change": make_toylib_unrelated_change,
     "equinox filter_jit": make_equinox,
     "nnx.jit": make_nnx,
     "nnx cached_partial": make_nnx_cached,
@@ -170,7 +190,7 @@ def measure(depths: list[int], rounds: int, steps: int, only: list[str] | None) 
         f"jax {jax.__version__}, {platform.processor() or platform.machine()}, "
         f"{jax.devices()[0].platform}, {rounds} rounds x {steps} steps"
     )
-    print(f"{'depth':>5}  {'library':<20} {'us/step':>9} {'vs raw':>7}")
+    print(f"{'depth':>5}  {'library':<26} {'us/step':>9} {'vs raw':>7} {'vs toylib':>9}")
     for depth in depths:
         runners = {}
         for name, make in LIBRARIES.items():
@@ -179,7 +199,7 @@ def measure(depths: list[int], rounds: int, steps: int, only: list[str] | None) 
             try:
                 runners[name] = make(depth)
             except ImportError as error:
-                print(f"{depth:>5}  {name:<20} skipped ({error.name} not installed)")
+                print(f"{depth:>5}  {name:<26} skipped ({error.name} not installed)")
         for run in runners.values():  # compile and warm up
             for _ in range(3):
                 jax.block_until_ready(run(x, y))
@@ -192,9 +212,12 @@ def measure(depths: list[int], rounds: int, steps: int, only: list[str] | None) 
                 jax.block_until_ready(loss)
                 times[name].append((time.perf_counter() - start) / steps * 1e6)
         raw = np.median(times["raw jax.jit"]) if "raw jax.jit" in times else float("nan")
+        ours = np.median(times["toylib tl.jit"]) if "toylib tl.jit" in times else float("nan")
         for name, ts in times.items():
             median = float(np.median(ts))
-            print(f"{depth:>5}  {name:<20} {median:>9.1f} {median / raw:>7.2f}")
+            print(
+                f"{depth:>5}  {name:<26} {median:>9.1f} {median / raw:>7.2f} {median / ours:>9.2f}"
+            )
 
 
 def main() -> None:

@@ -1149,3 +1149,16 @@ def test_threads_each_run_their_own_model():
         return int(model.count.value)
 
     assert run_in_threads(*(lambda s=s: work(s) for s in range(4))) == [20] * 4
+
+
+def test_toylib_frames_are_hidden_from_errors_raised_in_the_step():
+    import traceback
+
+    @tl.jit
+    def step(m, x):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom") as info:
+        step(nn.Linear(2, 2, rngs=0), jnp.ones(2))
+    files = [frame.filename for frame in traceback.extract_tb(info.value.__traceback__)]
+    assert not any("/toylib/" in f for f in files), files

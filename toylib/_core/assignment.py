@@ -23,7 +23,7 @@ from toylib._core.containers import new_mapping, tracked
 from toylib._core.skeleton import is_array, is_graph_node, is_node, items_of
 from toylib._core.variables import Variable
 
-__all__ = ["find_arrays", "normalize"]
+__all__ = ["SIMPLE", "find_arrays", "normalize"]
 
 ARRAY_IN_STATIC = """\
 {where}: found {what} at `{inner}` inside a {kind}, which toylib treats as a
@@ -193,8 +193,13 @@ def _check_static(value: Any, where: str, name: str) -> None:
         ) from None
 
 
+SIMPLE = frozenset((bool, int, float, complex, str, bytes, type(None)))
+
+
 def normalize(value: Any, where: str, name: str) -> tuple[Any, bool]:
     """Check an assigned value; track containers, freeze plain lists. ``(value, is_data)``."""
+    if type(value) in SIMPLE:  # the common static values: hashable, holding nothing
+        return value, False
     if is_node(value):
         return value, True
     if not isinstance(value, list | tuple | dict):

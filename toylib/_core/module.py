@@ -29,7 +29,7 @@ from typing import Any
 import jax
 from jax.tree_util import GetAttrKey
 
-from toylib._core.assignment import normalize
+from toylib._core.assignment import SIMPLE, normalize
 from toylib._core.calls import track_calls
 from toylib._core.containers import LAYOUT
 from toylib._core.paths import Path, format_path
@@ -95,17 +95,21 @@ class Module:
             cls.__call__ = track_calls(vars(cls)["__call__"])
 
     def __setattr__(self, name: str, value: Any) -> None:
-        current = vars(self).get(name, _MISSING)
+        attributes = vars(self)
+        current = attributes.get(name, _MISSING)
         if isinstance(current, Variable) and not isinstance(value, Variable):
             current.value = value
             return
         if hasattr(getattr(type(self), name, None), "__set__"):  # property, slot
             object.__setattr__(self, name, value)
+        elif type(value) in SIMPLE:  # the common static values: nothing to check
+            attributes[name] = value
         else:
-            value, _ = normalize(value, f"{type(self).__name__}.{name}", name)
-            vars(self)[name] = value
-        self._forget_layout(name)
-        changed(self)  # after the write: a cache checking now sees the new structure
+            attributes[name], _ = normalize(value, f"{type(self).__name__}.{name}", name)
+        if getattr(self, LAYOUT, None) is not None:
+            self._forget_layout(name)
+        if getattr(self, SLOT, None):
+            changed(self)  # after the write: a cache checking now sees the new structure
 
     def __delattr__(self, name: str) -> None:
         object.__delattr__(self, name)

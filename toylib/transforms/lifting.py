@@ -83,6 +83,11 @@ class Transform:
 
     kind = "tl.transform"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__call__" in vars(cls):  # jax hides the excluded (toylib's) frames past here
+            cls.__call__ = traceback_util.api_boundary(vars(cls)["__call__"])
+
     def __init__(self, fn: Callable) -> None:
         functools.update_wrapper(self, fn, updated=())
         self._fn = fn

@@ -209,9 +209,9 @@ def attribute_skeletons(module: Any, visit: Callable[[Path, Any], Any], prefix: 
 
 def _rebuilt_skeletons(module: Any, layout: tuple, visit: Callable, prefix: Path) -> tuple:
     attributes = vars(module)
-    if len(layout) != len(attributes) or any(
-        name != given for (name, _), given in zip(layout, attributes, strict=True)
-    ):
+    # Assigned to since it was rebuilt (`_forget_layout` dropped those entries):
+    # the attributes the layout still knows keep their data positions.
+    if len(layout) != len(attributes) or any(name not in attributes for name, _ in layout):
         known = dict(layout)
         return tuple(
             (name, guided(known[name], v, (*prefix, name), visit))
@@ -219,10 +219,18 @@ def _rebuilt_skeletons(module: Any, layout: tuple, visit: Callable, prefix: Path
             else (name, walk(v, (*prefix, name), visit))
             for name, v in attributes.items()
         )
-    return tuple(
-        (name, guided(skeleton, attributes[name], (*prefix, name), visit))
-        for name, skeleton in layout
-    )
+    out = []
+    for item in layout:
+        name, skeleton = item
+        value = attributes[name]
+        kind = type(skeleton)
+        if kind is Static and value is skeleton.value:
+            out.append(item)  # the common cases inlined, as in attribute_skeletons
+        elif kind not in _CONTAINERS:
+            out.append((name, visit((*prefix, name), value)))
+        else:
+            out.append((name, guided(skeleton, value, (*prefix, name), visit)))
+    return tuple(out)
 
 
 class _Collector:

@@ -562,3 +562,40 @@ def test_linear_regression_training_loop_reduces_the_loss():
     assert last < first / 10
     assert int(opt.step.value) == 200
     close(model.kernel.value, w_true, rtol=0, atol=0.1)
+
+
+def test_grad_and_remat_are_named_callables():
+    def loss_fn(model, x):
+        """The loss."""
+        return model(x).sum()
+
+    for transform, kind in (
+        (tl.grad, "tl.grad"),
+        (tl.value_and_grad, "tl.value_and_grad"),
+        (tl.remat, "tl.remat"),
+    ):
+        wrapped = transform(loss_fn)
+        assert wrapped.__name__ == "loss_fn" and wrapped.__wrapped__ is loss_fn
+        assert wrapped.__doc__ == "The loss." and repr(wrapped) == f"<{kind}(loss_fn)>"
+    model = nn.Linear(2, 1, rngs=0)
+    assert tl.grad(tl.remat(loss_fn))(model, jnp.ones(2)).kernel.shape == (2, 1)
+
+
+def test_a_closed_over_variable_set_inside_grad_is_named_and_nothing_changes():
+    from conftest import assert_unchanged, snapshot
+
+    counter = tl.Variable(jnp.array(0))
+    model = nn.Linear(2, 1, rngs=0)
+    holder = tl.Module()
+    holder.count = counter
+    before = snapshot(holder)
+
+    def loss_fn(m):
+        counter.value = counter.value + 1
+        return m(jnp.ones(2)).sum()
+
+    with pytest.raises(
+        RuntimeError, match=r"(?s)this Variable was created outside tl\.grad\(loss_fn\)"
+    ):
+        tl.grad(loss_fn)(model)
+    assert_unchanged(holder, before)

@@ -9,6 +9,10 @@ import pytest
 
 import toylib as tl
 from toylib import nn
+from toylib._core import calls
+from toylib._core.graph import flatten as graph_flatten
+from toylib._core.variables import unwrap
+from toylib.transforms import batching
 
 N = 4  # batch / number of stacked layers
 DIM = 3  # features
@@ -76,6 +80,35 @@ class ScanMLP(tl.Module):
 def stacked_linears(seed=0):
     """N stacked Linear(DIM, DIM) layers, built with a vmapped constructor."""
     return tl.vmap(lambda r: nn.Linear(DIM, DIM, rngs=r))(tl.Rngs(seed).split(N))
+
+
+def snapshot(*args):
+    """The structure, every Module and Variable object and every leaf value of ``args``."""
+    nodes = []
+    graphdef, pairs = graph_flatten(args, nodes)
+    return graphdef, nodes, [(path, leaf, np.array(unwrap(leaf))) for path, leaf in pairs]
+
+
+def assert_unchanged(before, *args):
+    """``args`` are as ``snapshot`` saw them: same objects, same structure, same values."""
+    graphdef, nodes, leaves = before
+    now_nodes = []
+    now_graphdef, pairs = graph_flatten(args, now_nodes)
+    assert now_graphdef == graphdef
+    assert len(now_nodes) == len(nodes) and all(
+        a is b for a, b in zip(now_nodes, nodes, strict=True)
+    )
+    assert len(pairs) == len(leaves)
+    for (path, leaf), (path0, leaf0, value0) in zip(pairs, leaves, strict=True):
+        assert path == path0 and leaf is leaf0
+        np.testing.assert_array_equal(np.asarray(unwrap(leaf)), value0)
+
+
+def error_text(kind, call):
+    """The message of the ``kind`` error that ``call()`` raises."""
+    with pytest.raises(kind) as info:
+        call()
+    return str(info.value)
 
 
 def layer_slice(stacked, i):
@@ -987,7 +1020,7 @@ def test_state_axes_without_matching_filter_names_path():
 
 def test_state_axes_repr_and_catch_all_fix():
     axes = tl.StateAxes({tl.Param: 0, ...: None})
-    assert repr(axes) == "StateAxes({Param: 0, Ellipsis: None})"
+    assert repr(axes) == "tl.StateAxes({tl.Param: 0, ...: None})"
     with pytest.raises(ValueError, match=r"\.\.\.: None"):
         tl.vmap(lambda m: m.mean.value, in_axes=(tl.StateAxes({tl.Param: 0}),))(nn.BatchNorm(DIM))
 
@@ -1042,6 +1075,569 @@ def test_scan_body_bad_output_for_out_axes_raises():
         tl.scan(lambda c, x: c + x)(jnp.zeros(DIM), jnp.ones((N, DIM)))
 
 
-def test_scan_unsupported_axis_raises():
-    with pytest.raises(ValueError, match="only 0, None and tl.Carry"):
-        tl.scan(lambda c, x: (c, x), in_axes=(tl.Carry, 1))(jnp.zeros(DIM), jnp.ones((2, 3)))
+def test_scan_bad_axis_value_raises():
+    c0, xs = jnp.zeros(DIM), jnp.ones((2, DIM))
+    before = snapshot(c0, xs)
+    message = error_text(
+        ValueError, lambda: tl.scan(lambda c, x: (c, x), in_axes=(tl.Carry, "1"))(c0, xs)
+    )
+    assert "tl.scan(<lambda>): in_axes[1] is '1'" in message
+    assert "expected an int, None, tl.Carry" in message and "Fix:" in message
+    assert_unchanged(before, c0, xs)
+
+
+# -- one object, one axis -----------------------------------------------------------------------
+
+
+def test_vmap_same_module_under_two_axes_raises():
+    model = nn.Linear(DIM, DIM, rngs=0)
+    before = snapshot(model)
+    message = error_text(
+        ValueError, lambda: tl.vmap(lambda a, b: a(b.kernel.value), in_axes=(0, None))(model, model)
+    )
+    assert message.startswith("tl.vmap(<lambda>): `args[1]` is the same Linear object as `args[0]`")
+    assert "Expected the same axis from both arguments" in message
+    assert "got\n0 for `args[0]` and None for `args[1]` (at `args[1].kernel`)" in message
+    assert "Fix:" in message and "tl.clone(model)" in message
+    assert_unchanged(before, model)
+
+
+def test_vmap_shared_submodule_under_two_axes_names_its_paths():
+    shared = nn.Linear(DIM, DIM, rngs=0)
+    a = nn.Sequential(shared, nn.Linear(DIM, DIM, rngs=1))
+    b = nn.Sequential(nn.Linear(DIM, DIM, rngs=2), shared)
+    xs = rand(3, N, DIM)
+    before = snapshot(a, b, xs)
+    message = error_text(
+        ValueError, lambda: tl.vmap(lambda p, q, x: p(x) + q(x), in_axes=(None, 0, 0))(a, b, xs)
+    )
+    # The outermost shared object is named, at its path in each argument.
+    assert "`args[1].layers[1]` is the same Linear object as `args[0].layers[0]`" in message
+    assert "None for `args[0].layers[0]` and 0 for `args[1].layers[1]`" in message
+    assert "(at `args[1].layers[1].kernel`)" in message
+    assert_unchanged(before, a, b, xs)
+
+
+def test_vmap_shared_variable_and_keyword_argument_under_two_axes_raise():
+    w = tl.Param(rand(0, N, DIM))
+    holder = Scaled(w.value, jnp.array(1.0))
+    holder.w = w  # the same Param object: an attribute of holder and an argument
+    before = snapshot(w, holder)
+    message = error_text(
+        ValueError, lambda: tl.vmap(lambda v, m: v.value * m.scale, in_axes=(0, None))(w, holder)
+    )
+    assert "`args[1].w` is the same Param object as `args[0]`" in message
+    assert_unchanged(before, w, holder)
+    # Keyword arguments are mapped over axis 0: `m` below is the first argument, broadcast.
+    message = error_text(
+        ValueError, lambda: tl.vmap(lambda m, other: m.w.value, in_axes=(None,))(holder, other=w)
+    )
+    assert "`other` is the same Param object as `args[0].w`" in message
+    assert "None for `args[0].w` and 0 for `other`" in message
+    assert_unchanged(before, w, holder)
+
+
+def test_vmap_state_axes_giving_a_shared_module_another_axis_raises():
+    bn = nn.BatchNorm(DIM)
+    xs = rand(0, N, DIM)
+    axes = tl.StateAxes({tl.Param: 0, ...: None})
+    before = snapshot(bn, xs)
+    message = error_text(
+        ValueError, lambda: tl.vmap(lambda m, n, x: m(x), in_axes=(axes, 0, 0))(bn, bn, xs)
+    )
+    # Its Params get 0 from both; its BatchStats get None from the StateAxes.
+    assert "`args[1]` is the same BatchNorm object as `args[0]`" in message
+    assert "None for `args[0]` and 0 for `args[1]` (at `args[1].mean`)" in message
+    assert_unchanged(before, bn, xs)
+
+
+def test_vmap_same_object_under_the_same_axis_is_one_object():
+    layers = stacked_linears()
+    xs = rand(1, N, DIM)
+    out = tl.vmap(lambda a, b, x: a(x) - b(x) + a.kernel.value.sum())(layers, layers, xs)
+    close(out, tl.vmap(lambda a, x: a.kernel.value.sum() + 0 * x)(layers, xs))
+    # A StateAxes giving every leaf the other argument's axis agrees with it.
+    linear = nn.Linear(DIM, DIM, rngs=0)
+    axes = tl.StateAxes({tl.Param: None, ...: 0})
+    out = tl.vmap(lambda a, b, x: a(x) + b(x), in_axes=(None, axes, 0))(linear, linear, xs)
+    close(out, 2 * linear(xs), tol=1e-5)
+
+
+def test_vmap_plain_array_twice_under_two_axes_is_allowed():
+    x = rand(0, N, N)
+    out = tl.vmap(lambda a, b: a * 2 + b, in_axes=(0, 1))(x, x)
+    close(out, jax.vmap(lambda a, b: a * 2 + b, in_axes=(0, 1))(x, x))
+
+
+def test_scan_same_module_under_two_axes_raises():
+    layers = stacked_linears()
+    before = snapshot(layers)
+    message = error_text(ValueError, lambda: tl.scan(lambda m, layer: (m, None))(layers, layers))
+    assert message.startswith("tl.scan(<lambda>): `args[1]` is the same Linear object")
+    assert "tl.Carry for `args[0]` and 0 for `args[1]`" in message
+    assert_unchanged(before, layers)
+    counter = Counter()
+    xs = rand(1, N, DIM)
+    before = snapshot(counter.count, counter, xs)
+    message = error_text(
+        ValueError,
+        lambda: tl.scan(lambda v, m, x: m(x), in_axes=(0, None, 0), out_axes=0)(
+            counter.count, counter, xs
+        ),
+    )
+    assert "`args[1].count` is the same Variable object as `args[0]`" in message
+    assert_unchanged(before, counter.count, counter, xs)
+
+
+# -- scan: other axes -----------------------------------------------------------------------------
+
+
+def test_scan_in_axes_and_out_axes_other_ints_equal_lax_scan():
+    def body(c, x):
+        return c * 0.9 + x, jnp.sin(c) * x
+
+    c0, xs = rand(0, DIM), rand(1, N, DIM)
+    carry_ref, ys_ref = jax.lax.scan(body, c0, xs)
+    carry, ys = tl.scan(body, in_axes=(tl.Carry, 1), out_axes=(tl.Carry, 1))(c0, xs.T)
+    assert ys.shape == (DIM, N)
+    close(carry, carry_ref)
+    close(ys, ys_ref.T)
+    carry, ys = tl.scan(body, in_axes=(tl.Carry, -1), out_axes=(tl.Carry, -1))(c0, xs.T)
+    close(carry, carry_ref)
+    close(ys, ys_ref.T)
+    ys = tl.scan(lambda x: jnp.cumsum(x), in_axes=1, out_axes=1)(xs.T)
+    close(ys, np.cumsum(np.asarray(xs), axis=1).T)
+
+
+def test_scan_over_module_state_stacked_along_axis_one():
+    layers0 = stacked_linears()
+    layers1 = tl.vmap(lambda r: nn.Linear(DIM, DIM, rngs=r), out_axes=1)(tl.Rngs(0).split(N))
+    assert layers1.kernel.value.shape == (DIM, N, DIM)
+    close(jnp.moveaxis(layers1.kernel.value, 1, 0), layers0.kernel.value, tol=0)
+
+    def body(h, layer):
+        return jnp.tanh(layer(h)), layer(h).sum()
+
+    x = rand(1, 2, DIM)
+    y0, sums0 = tl.scan(body)(x, layers0)
+    y1, sums1 = tl.scan(body, in_axes=(tl.Carry, 1))(x, layers1)
+    close(y1, y0)
+    close(sums1, sums0)
+    axes = tl.StateAxes({tl.Param: 1, ...: None})
+    y2, _ = tl.scan(body, in_axes=(tl.Carry, axes))(x, layers1)
+    close(y2, y0)
+
+
+def test_scan_state_updated_along_axis_one_comes_back_along_it():
+    norms0 = tl.vmap(lambda: nn.BatchNorm(DIM), axis_size=N)()
+    norms1 = tl.vmap(lambda: nn.BatchNorm(DIM), axis_size=N, out_axes=1)()
+    assert norms1.mean.value.shape == (DIM, N)
+
+    def body(h, bn):
+        return bn(h) + 1.0, None
+
+    x = rand(1, 2, DIM) + 3.0
+    for _ in range(2):
+        tl.scan(body)(x, norms0)
+        tl.scan(body, in_axes=(tl.Carry, 1))(x, norms1)
+    assert norms1.mean.value.shape == (DIM, N)
+    close(norms1.mean.value, np.asarray(norms0.mean.value).T)
+    close(norms1.var.value, np.asarray(norms0.var.value).T)
+    assert not np.allclose(np.asarray(norms0.mean.value), 0.0)
+
+
+# -- scan: carry declarations -------------------------------------------------------------------
+
+
+def _scan_call(**kwargs):
+    """A scan over a Counter carry and xs, with the given axes: what the errors below call."""
+    counter, xs = Counter(), rand(1, N, DIM)
+    before = snapshot(counter, xs)
+    body = lambda m, x: (m, m(x))  # noqa: E731
+    return (lambda: tl.scan(body, **kwargs)(counter, xs)), before, (counter, xs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        (
+            {"in_axes": (tl.Carry, 0), "out_axes": 0},
+            [
+                "in_axes=(tl.Carry, 0) carries an argument (tl.Carry) but out_axes=0",
+                "would be lost",
+                "Fix: `out_axes=(tl.Carry, 0)`",
+            ],
+        ),
+        (
+            {"in_axes": (None, 0), "out_axes": (tl.Carry, 0)},
+            [
+                "out_axes=(tl.Carry, 0) returns a carry (tl.Carry) but in_axes=(None, 0)",
+                "no carry to start from",
+                "Fix: mark the carried argument",
+            ],
+        ),
+        (
+            {"in_axes": (tl.Carry, tl.Carry)},
+            [
+                "in_axes marks 2 arguments tl.Carry (in_axes[0], in_axes[1])",
+                "a scan has one carry",
+                "(h, c), xs)",
+            ],
+        ),
+        (
+            {"in_axes": tl.Carry, "out_axes": tl.Carry},
+            ["in_axes marks 2 arguments tl.Carry (args[0], args[1])"],
+        ),
+        (
+            {"out_axes": (0, tl.Carry)},
+            ["out_axes=(0, tl.Carry) is not one tl.scan knows", "only ever first", "Fix:"],
+        ),
+        (
+            {"out_axes": (tl.Carry, 0, 0)},
+            ["out_axes=(tl.Carry, 0, 0)", "the pair (tl.Carry, axis), not 3 entries", "Fix:"],
+        ),
+        (
+            {"out_axes": (tl.Carry,)},
+            ["out_axes=(tl.Carry,)", "not 1 entries"],
+        ),
+        (
+            {"out_axes": (tl.Carry, None)},
+            ["out_axes=(tl.Carry, None)", "cannot be broadcast (None)", "Fix:"],
+        ),
+        (
+            {"in_axes": (None, 0), "out_axes": None},
+            ["out_axes=None", "cannot be broadcast (None)"],
+        ),
+    ],
+)
+def test_scan_inconsistent_carry_declarations_raise(kwargs, expected):
+    call, before, args = _scan_call(**kwargs)
+    message = error_text(ValueError, call)
+    assert message.startswith("tl.scan(<lambda>): ")
+    for part in expected:
+        assert part in message, (part, message)
+    assert_unchanged(before, *args)
+
+
+def test_scan_out_axes_int_without_carry_and_carry_only_still_work():
+    counter = Counter()
+    xs = rand(1, N, DIM)
+    ys = tl.scan(lambda m, x: m(x), in_axes=(None, 0), out_axes=1)(counter, xs)
+    close(ys, (np.asarray(xs) * 2).T)
+    final = tl.scan(lambda m: m, in_axes=tl.Carry, out_axes=tl.Carry, length=3)(counter)
+    assert final is counter
+    assert int(counter.count.value) == N
+
+
+# -- scan: carried Variables holding other leaves' values ---------------------------------------
+
+
+class Memory(tl.Module):
+    """Two carried Variables: ``last`` (the slice seen last) and ``other``."""
+
+    def __init__(self):
+        self.last = tl.Variable(jnp.zeros(DIM))
+        self.other = tl.Variable(jnp.ones(DIM))
+
+
+def test_scan_carried_variable_set_to_the_scanned_slice_three_times():
+    def body(m, x):
+        m.last.value = x  # the scanned slice itself
+        m.other.value = m.other.value + x
+        return m, x.sum()
+
+    def reference(c, x):
+        _, other = c
+        return (x, other + x), x.sum()
+
+    memory = Memory()
+    carry = (memory.last.value, memory.other.value)
+    last, other = memory.last, memory.other
+    for k in range(3):
+        xs = rand(k, N, DIM)
+        final, ys = tl.scan(body)(memory, xs)
+        carry, ys_ref = jax.lax.scan(reference, carry, xs)
+        assert final is memory and memory.last is last and memory.other is other
+        assert memory.last.value.shape == (DIM,)
+        close(memory.last.value, carry[0], tol=0)
+        close(memory.other.value, carry[1])
+        close(ys, ys_ref)
+        np.testing.assert_array_equal(np.asarray(xs), np.asarray(rand(k, N, DIM)))
+
+
+def test_scan_carried_variables_swapped_three_times():
+    def body(m, x):
+        m.last.value, m.other.value = m.other.value, m.last.value + x
+        return m, m.last.value.sum()
+
+    def reference(c, x):
+        last, other = c
+        return (other, last + x), other.sum()
+
+    memory = Memory()
+    carry = (memory.last.value, memory.other.value)
+    xs = rand(0, N, DIM)
+    for _ in range(3):
+        _, ys = tl.scan(body)(memory, xs)
+        carry, ys_ref = jax.lax.scan(reference, carry, xs)
+        close(memory.last.value, carry[0])
+        close(memory.other.value, carry[1])
+        close(ys, ys_ref)
+    assert not np.allclose(np.asarray(memory.last.value), np.asarray(memory.other.value))
+
+
+def test_scan_carried_variable_swapped_with_scanned_state_three_times():
+    """The carry takes each layer's bias; each layer's bias becomes the carry it saw."""
+    layers = stacked_linears()
+    memory = Memory()
+
+    def body(m, layer):
+        m.last.value, layer.bias.value = layer.bias.value, m.last.value
+        return m, None
+
+    def reference(last, bias):
+        return bias, last
+
+    last, biases = memory.last.value, layers.bias.value
+    for _ in range(3):
+        tl.scan(body)(memory, layers)
+        last, biases = jax.lax.scan(reference, last, biases)
+        close(memory.last.value, last, tol=0)
+        close(layers.bias.value, biases, tol=0)
+        assert layers.bias.value.shape == (N, DIM)
+
+
+def test_scan_swapping_carried_variable_objects_raises_and_changes_nothing():
+    memory = Memory()
+    xs = rand(0, N, DIM)
+    before = snapshot(memory, xs)
+
+    def body(m, x):
+        m.last, m.other = m.other, m.last  # the objects, not their values: a new structure
+        return m, None
+
+    with pytest.raises(ValueError, match="structure of the arguments changed"):
+        tl.scan(body)(memory, xs)
+    assert_unchanged(before, memory, xs)
+
+
+# -- vmap: Variables created inside, unmapped outputs -------------------------------------------
+
+
+class Empty(tl.Module):
+    """No state yet: a vmapped function fills it in."""
+
+
+class Built(tl.Module):
+    """Built inside a vmapped ``__init__``: a Linear (Params) and a BatchNorm (BatchStats)."""
+
+    @tl.vmap(in_axes=(tl.StateAxes({tl.Param: 0, ...: None}), 0))
+    def __init__(self, rngs):
+        self.linear = nn.Linear(DIM, DIM, rngs=rngs)
+        self.bn = nn.BatchNorm(DIM)
+
+
+def test_vmapped_init_stacks_params_but_not_batch_stats():
+    rngs = tl.Rngs(0).split(N)
+    model = Built(rngs)
+    assert model.linear.kernel.value.shape == (N, DIM, DIM)
+    assert model.linear.bias.value.shape == (N, DIM)
+    assert model.bn.scale.value.shape == (N, DIM)  # a Param, broadcast along axis 0
+    assert model.bn.mean.value.shape == (DIM,)  # a BatchStat: `...: None`, not stacked
+    assert model.bn.var.value.shape == (DIM,)
+    kernels = np.asarray(model.linear.kernel.value)
+    assert not np.allclose(kernels[0], kernels[1])
+    np.testing.assert_array_equal(np.asarray(rngs.default.count.value), [2] * N)
+    # An int (or None) axis gives everything created on the argument that axis.
+    for axis, shape in [(0, (N, DIM)), (None, (DIM,))]:
+        empty = Empty()
+        tl.vmap(lambda m, r: setattr(m, "bn", nn.BatchNorm(DIM)), in_axes=(axis, 0))(empty, rngs)
+        assert empty.bn.mean.value.shape == shape
+
+
+def test_vmapped_method_creating_state_gives_each_type_its_state_axes_entry():
+    layers = stacked_linears()
+    xs = rand(1, N, DIM)
+
+    def f(m, x):
+        y = m(x)
+        m.stat = tl.BatchStat(jnp.zeros(DIM))  # `...: None`: one, unstacked
+        m.act = tl.Intermediate(y)
+        m.extra = tl.Param(y * 2)  # tl.Param: 0, stacked
+        return y
+
+    axes = tl.StateAxes({tl.Param: 0, tl.Intermediate: 1, ...: None})
+    out = tl.vmap(f, in_axes=(axes, 0))(layers, xs)
+    assert isinstance(layers.stat, tl.BatchStat) and layers.stat.value.shape == (DIM,)
+    assert layers.extra.value.shape == (N, DIM)
+    close(layers.extra.value, 2 * out)
+    assert layers.act.value.shape == (DIM, N)
+    close(layers.act.value, np.asarray(out).T)
+
+
+def test_vmap_state_axes_without_a_match_for_a_new_variable_raises():
+    layers = stacked_linears()
+
+    def f(m):
+        m.stat = tl.BatchStat(jnp.zeros(DIM))
+        return None
+
+    with pytest.raises(ValueError, match=r"model\.stat` \(BatchStat\) matches none"):
+        tl.vmap(f, in_axes=(tl.StateAxes({tl.Param: 0}),))(layers)
+    assert not hasattr(layers, "stat")
+
+
+def test_vmap_unmapped_input_returned_as_is_comes_back_broadcast():
+    xs, y = rand(0, N, DIM), rand(1, DIM)
+    model = nn.Linear(DIM, DIM, rngs=0)
+    f = lambda x, v, m: (x, v, m.bias.value)  # noqa: E731
+    got = tl.vmap(f, in_axes=(0, None, None))(xs, y, model)
+    want = jax.vmap(lambda x, v, b: (x, v, b), in_axes=(0, None, None))(xs, y, model.bias.value)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape
+        close(a, b, tol=0)
+    assert got[1].shape == (N, DIM)
+    moved = tl.vmap(lambda x, v: v, in_axes=(0, None), out_axes=1)(xs, y)
+    assert moved.shape == (DIM, N)
+    close(moved, np.broadcast_to(np.asarray(y)[:, None], (DIM, N)), tol=0)
+    # Returning the unmapped Module itself returns the caller's object, unchanged.
+    assert tl.vmap(lambda x, m: m, in_axes=(0, None))(xs, model) is model
+    assert model.kernel.value.shape == (DIM, DIM)
+
+
+def test_vmap_out_axes_tuple_for_another_output_raises():
+    xs = rand(0, N, DIM)
+    message = error_text(ValueError, lambda: tl.vmap(lambda x: x, out_axes=(0, 1))(xs))
+    assert "tl.vmap(<lambda>): out_axes=(0, 1) has 2 entries" in message
+    assert "it returned an array" in message and "Fix:" in message
+
+
+def test_vmap_bad_in_axes_entries_raise():
+    model = nn.Linear(DIM, DIM, rngs=0)
+    before = snapshot(model)
+    message = error_text(ValueError, lambda: tl.vmap(lambda m: m, in_axes=(tl.Carry,))(model))
+    assert "tl.vmap(<lambda>): in_axes[0] is tl.Carry" in message
+    assert "tl.Carry is tl.scan's" in message and "Fix: e.g. `in_axes=(0, None)`" in message
+    axes = tl.StateAxes({tl.Param: tl.Carry, ...: None})
+    message = error_text(ValueError, lambda: tl.vmap(lambda m: m, in_axes=axes)(model))
+    assert "in_axes is tl.StateAxes({tl.Param: tl.Carry, ...: None})" in message
+    assert_unchanged(before, model)
+
+
+# -- StateAxes ----------------------------------------------------------------------------------
+
+
+def test_state_axes_catch_all_before_other_entries_raises():
+    message = error_text(ValueError, lambda: tl.StateAxes({...: None, tl.Param: 0}))
+    assert message.startswith("tl.StateAxes: the filter ... (everything) comes before tl.Param")
+    assert "could then\nnever match anything" in message
+    assert "tl.StateAxes({tl.Param: 0, ...: None})" in message
+    message = error_text(
+        ValueError, lambda: tl.StateAxes({tl.Param: 0, True: None, tl.BatchStat: tl.Carry})
+    )
+    assert "the filter True (everything) comes before tl.BatchStat" in message
+    assert "tl.StateAxes({tl.Param: 0, tl.BatchStat: tl.Carry, True: None})" in message
+
+
+def test_state_axes_repr_uses_filter_repr():
+    axes = tl.StateAxes({tl.Any(tl.Param, tl.BatchStat): 0, tl.PathContains("w"): 1, ...: tl.Carry})
+    assert repr(axes) == (
+        "tl.StateAxes({tl.Any(tl.Param, tl.BatchStat): 0, tl.PathContains('w'): 1, ...: tl.Carry})"
+    )
+    assert not hasattr(batching, "_name")  # filter_repr replaced batching's own helper
+
+
+def test_state_axes_bad_axis_raises():
+    message = error_text(ValueError, lambda: tl.StateAxes({tl.Param: "0"}))
+    assert "the axis of tl.Param is '0'" in message and "Fix:" in message
+
+
+# -- the transforms as objects ------------------------------------------------------------------
+
+
+def test_vmap_and_scan_keep_the_function_identity():
+    def step(c, x):
+        """One step."""
+        return c + x, c
+
+    for transform, kind in [(tl.vmap, "tl.vmap"), (tl.scan, "tl.scan")]:
+        wrapped = transform(step)
+        decorated = transform(in_axes=(tl.Carry, 0) if kind == "tl.scan" else 0)(step)
+        for w in (wrapped, decorated):
+            assert isinstance(w, tl.transforms.lifting.Transform)
+            assert w.kind == kind and w.label == f"{kind}(step)"
+            assert w.__name__ == "step"
+            assert w.__qualname__ == step.__qualname__
+            assert w.__doc__ == "One step."
+            assert w.__module__ == step.__module__
+            assert w.__wrapped__ is step
+            assert repr(w) == f"<{kind}(step)>"
+
+
+def test_vmap_and_scan_run_the_function_under_their_label():
+    seen = []
+
+    def step(c, x):
+        seen.append(calls.transform_name())
+        return c + x, c
+
+    tl.vmap(step)(jnp.ones(N), jnp.ones(N))
+    tl.scan(step)(jnp.zeros(()), jnp.ones(N))
+    assert seen == ["tl.vmap(step)", "tl.scan(step)"]
+
+
+def test_vmap_decorates_methods():
+    class Model(tl.Module):
+        def __init__(self):
+            self.w = tl.Param(jnp.arange(DIM, dtype=jnp.float32))
+
+        @tl.vmap(in_axes=(None, 0))
+        def apply(self, x):
+            return self.w * x
+
+    model = Model()
+    xs = rand(0, N, DIM)
+    close(model.apply(xs), np.asarray(xs) * np.arange(DIM))
+    assert repr(Model.apply) == "<tl.vmap(apply)>"
+    assert Model.apply.__qualname__.endswith("Model.apply")
+
+
+def test_error_messages_name_the_transform_and_function():
+    def add(a, b):
+        return a + b
+
+    message = error_text(
+        ValueError, lambda: tl.vmap(add, in_axes=(0, 0, None))(jnp.ones(N), jnp.ones(N))
+    )
+    assert message.startswith("tl.vmap(add): in_axes has 3 entries")
+    message = error_text(TypeError, lambda: tl.vmap(add, out_axes="0"))
+    assert message.startswith("tl.vmap(add): out_axes entries must be ints or None")
+    message = error_text(ValueError, lambda: tl.scan(add, out_axes=0))
+    assert message.startswith("tl.scan(add): in_axes=(tl.Carry, 0) carries an argument")
+
+
+class Offset(tl.Module):
+    """A bare array attribute (no Variable): a leaf of the Module itself."""
+
+    def __init__(self, offset):
+        self.offset = offset
+
+    def __call__(self, x):
+        return x + self.offset
+
+
+def test_vmap_shared_module_with_bare_array_under_two_axes_raises():
+    shared = Offset(rand(0, N, DIM))
+    pair = nn.Sequential(Offset(rand(2, N, DIM)), shared)
+    xs = rand(1, N, DIM)
+    before = snapshot(shared, pair, xs)
+    message = error_text(
+        ValueError, lambda: tl.vmap(lambda o, p, x: o(x), in_axes=(0, None, 0))(shared, pair, xs)
+    )
+    assert "`args[1].layers[1]` is the same Offset object as `args[0]`" in message
+    assert "0 for `args[0]` and None for `args[1].layers[1]`" in message
+    assert "(at `args[1].layers[1].offset`)" in message
+    assert_unchanged(before, shared, pair, xs)
+    # Under the same axis it is one object, mapped once.
+    out = tl.vmap(lambda o, p, x: o(x) + p[1](x), in_axes=(0, 0, 0))(shared, pair, xs)
+    close(out, 2 * (np.asarray(xs) + np.asarray(shared.offset)))

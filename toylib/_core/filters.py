@@ -26,7 +26,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any as _Any
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "Nothing",
     "OfType",
     "PathContains",
+    "check_catch_all_last",
     "filter_repr",
     "is_catch_all",
     "to_predicate",
@@ -126,6 +127,34 @@ def to_predicate(filter: _Any) -> Predicate:
     if callable(filter):
         return filter
     raise TypeError(BAD_FILTER.format(filter=filter))
+
+
+CATCH_ALL_NOT_LAST = """\
+{caller}: the filter {catch_all} (everything) comes before {rest}, which could then
+never match anything. The catch-all goes last:
+
+    {fixed}
+"""
+
+
+def check_catch_all_last(
+    filters: Sequence[_Any], caller: str, fixed: Callable[[list[int]], str]
+) -> None:
+    """A catch-all followed by more filters is an error; ``fixed(order)`` shows the fix.
+
+    ``order`` lists the filters' positions with the catch-all moved last.
+    """
+    for i, f in enumerate(filters[:-1]):
+        if is_catch_all(f):
+            order = [j for j in range(len(filters)) if j != i] + [i]
+            raise ValueError(
+                CATCH_ALL_NOT_LAST.format(
+                    caller=caller,
+                    catch_all=filter_repr(f),
+                    rest=", ".join(map(filter_repr, filters[i + 1 :])),
+                    fixed=fixed(order),
+                )
+            )
 
 
 def is_catch_all(filter: _Any) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 from jax.tree_util import DictKey
 
-from toylib._core.filters import filter_repr, is_catch_all, to_predicate
+from toylib._core.filters import check_catch_all_last, filter_repr, to_predicate
 from toylib._core.paths import Path, format_path, nest, sorted_keys
 from toylib._core.variables import Variable, describe_value
 
@@ -37,13 +37,6 @@ UNMATCHED = """\
 Every Variable must go to one State. Add a catch-all `...` as the last filter:
 
     graphdef, {names}, rest = tl.split(model, {first}, ...)
-"""
-
-CATCH_ALL_NOT_LAST = """\
-{caller}: the filter {catch_all} (everything) comes before {rest}, which could then
-never match anything. The catch-all goes last:
-
-    {fixed}
 """
 
 
@@ -178,18 +171,11 @@ def split_flat(
 
 
 def _check_catch_all_last(filters: tuple, caller: str) -> None:
-    for i, f in enumerate(filters[:-1]):
-        if is_catch_all(f):
-            others = [g for j, g in enumerate(filters) if j != i]
-            raise ValueError(
-                CATCH_ALL_NOT_LAST.format(
-                    caller=caller,
-                    catch_all=filter_repr(f),
-                    rest=", ".join(map(filter_repr, filters[i + 1 :])),
-                    fixed=f"{caller}({'model, ' if caller.startswith('tl.') else ''}"
-                    f"{', '.join(map(filter_repr, [*others, ...]))})",
-                )
-            )
+    def fixed(order: list[int]) -> str:
+        listed = ", ".join(filter_repr(filters[j]) for j in order)
+        return f"{caller}(model, {listed})" if caller.startswith("tl.") else f"split({listed})"
+
+    check_catch_all_last(filters, caller, fixed)
 
 
 def _repr(state: State, depth: int) -> str:

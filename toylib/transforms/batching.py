@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from toylib._core import graph
-from toylib._core.filters import filter_repr, is_catch_all, to_predicate
+from toylib._core.filters import check_catch_all_last, filter_repr, to_predicate
 from toylib._core.paths import Path, format_path
 from toylib._core.skeleton import iter_graph
 from toylib._core.variables import Variable
@@ -43,13 +43,6 @@ __all__ = ["Carry", "Scanned", "StateAxes", "Vmapped", "scan", "vmap"]
 NO_AXIS = """\
 {caller}: `{path}` ({kind}) matches none of the filters of its StateAxes ({filters}).
 Fix: end the StateAxes with a catch-all, e.g. `tl.StateAxes({{tl.Param: 0, ...: None}})`.
-"""
-
-CATCH_ALL_NOT_LAST = """\
-tl.StateAxes: the filter {catch_all} (everything) comes before {rest}, which could then
-never match anything. The catch-all goes last:
-
-    {fixed}
 """
 
 BAD_STATE_AXIS = """\
@@ -192,18 +185,11 @@ class StateAxes:
 
 
 def _check_catch_all_last(items: tuple) -> None:
-    """The rule of ``state._check_catch_all_last``: nothing after a catch-all can match."""
-    for i, (f, _) in enumerate(items[:-1]):
-        if is_catch_all(f):
-            fixed = [*items[:i], *items[i + 1 :], items[i]]
-            entries = ", ".join(f"{filter_repr(g)}: {a!r}" for g, a in fixed)
-            raise ValueError(
-                CATCH_ALL_NOT_LAST.format(
-                    catch_all=filter_repr(f),
-                    rest=", ".join(filter_repr(g) for g, _ in items[i + 1 :]),
-                    fixed=f"tl.StateAxes({{{entries}}})",
-                )
-            )
+    def fixed(order: list[int]) -> str:
+        entries = ", ".join(f"{filter_repr(items[j][0])}: {items[j][1]!r}" for j in order)
+        return f"tl.StateAxes({{{entries}}})"
+
+    check_catch_all_last([f for f, _ in items], "tl.StateAxes", fixed)
 
 
 # -- axes of the arguments --------------------------------------------------------------------
@@ -252,13 +238,6 @@ def _leaf_axes(flat: Flat, specs: dict[Any, Any], caller: str) -> list[Any]:
         _axis_of(specs.get(flat.origin[path[0]], 0), flat.arg_path(i), leaf, caller)
         for i, (path, leaf) in enumerate(zip(flat.paths, flat.leaves, strict=True))
     ]
-
-
-def _where(flat: Flat, top: int, path: Path) -> str:
-    """``args[1].layers[0]``: ``path`` inside top-level leaf ``top``, from its argument."""
-    origin = flat.origin[top]
-    root = f"args[{origin}]" if isinstance(origin, int) else origin
-    return format_path((*flat.keypath[top], *path), root=root)
 
 
 def _check_one_axis(flat: Flat, specs: dict[Any, Any], caller: str) -> None:
@@ -316,12 +295,12 @@ def _raise_two_axes(flat: Flat, reach: dict, there: tuple, here: tuple, caller: 
     raise ValueError(
         TWO_AXES.format(
             caller=caller,
-            here=_where(flat, t2, path2),
-            there=_where(flat, t1, path1),
+            here=flat.describe((t2, *path2)),
+            there=flat.describe((t1, *path1)),
             kind=type(node).__name__,
             axis_here=axis2,
             axis_there=axis1,
-            leaf=_where(flat, t2, leaf_path2),
+            leaf=flat.describe((t2, *leaf_path2)),
         )
     )
 

@@ -161,6 +161,10 @@ class Flat:
         """``{path: leaf index}``."""
         return {path: i for i, path in enumerate(self.paths)}
 
+    def describe(self, path: Path) -> str:
+        """``args[1].layers[0]``: a path (top-level leaf index first) from its argument."""
+        return _describe(self.origin, self.keypath, path)
+
     def arg_path(self, i: int) -> Path:
         """Path of leaf ``i`` relative to its argument (for filters and grads)."""
         path = self.paths[i]

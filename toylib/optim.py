@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import optax
 
 from toylib._core.filters import filter_repr, to_predicate
-from toylib._core.graph import flatten, tree_leaf_paths, write_all
+from toylib._core.graph import flatten, parent_of, tree_leaf_paths, write_all
 from toylib._core.module import Module
 from toylib._core.paths import Path, format_path, list_paths, sorted_keys
 from toylib._core.state import State
-from toylib._core.variables import Param, Variable, checked_value, unwrap
+from toylib._core.variables import Param, Variable, checked_value, spec_text, unwrap
 
 __all__ = ["OptState", "Optimizer"]
 
@@ -433,13 +433,6 @@ def _module_grads(model: Module, grads: Module, wanted: set[Path]) -> dict[Path,
     return found
 
 
-def _spec(x: Any) -> str:
-    """``float32[3, 4]`` for an array, the kind of anything else."""
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return f"{getattr(x.dtype, 'name', x.dtype)}[{', '.join(map(str, x.shape))}]"
-    return f"a {type(x).__name__}"
-
-
 def _dtype(x: Any) -> Any:
     """The dtype jax computes in: a numpy float64 array is float32 unless x64 is on."""
     return jax.dtypes.canonicalize_dtype(x.dtype, allow_extended_dtype=True)
@@ -471,7 +464,7 @@ def _check_grad(param: Any, grad: Any, path: Path) -> tuple[Any, tuple[str, str]
             fix = f"grad.astype(jnp.{dtype})"
     else:
         fix = f"jnp.full({tuple(old.shape)}, grad, jnp.{dtype})"
-    return None, (f"the parameter is {_spec(old)}, the gradient {_spec(new)}", fix)
+    return None, (f"the parameter is {spec_text(old)}, the gradient {spec_text(new)}", fix)
 
 
 def _write(model: Module, path: Path, live: Any, new: Any, extra: dict) -> tuple:
@@ -487,8 +480,8 @@ def _write(model: Module, path: Path, live: Any, new: Any, extra: dict) -> tuple
             raise ValueError(
                 BAD_UPDATE.format(
                     path=format_path(path),
-                    got=_spec(new),
-                    expected=_spec(old),
+                    got=spec_text(new),
+                    expected=spec_text(old),
                     extra=", ".join(f"{k}=" for k in extra) or "none given",
                 )
             )
@@ -496,15 +489,7 @@ def _write(model: Module, path: Path, live: Any, new: Any, extra: dict) -> tuple
         new = checked_value(old, new, format_path(path), "Optimizer.update")
     if _is_variable(live):
         return live, None, new
-    return _parent(model, path), path[-1], new
-
-
-def _parent(model: Module, path: Path) -> Any:
-    """The Module, list or dict holding the bare array at ``path``."""
-    parent: Any = model
-    for key in path[:-1]:
-        parent = vars(parent)[key] if isinstance(parent, Module) else parent[key]
-    return parent
+    return parent_of(model, path), path[-1], new
 
 
 def _check_trainable(model: Module, path: Path, leaf: Any, wrt: Any) -> None:
@@ -518,7 +503,7 @@ def _check_trainable(model: Module, path: Path, leaf: Any, wrt: Any) -> None:
                 dtype=dtype,
             )
         )
-    if not _is_variable(leaf) and isinstance(_parent(model, path), tuple):
+    if not _is_variable(leaf) and isinstance(parent_of(model, path), tuple):
         name = next((key for key in path if isinstance(key, str)), "values")
         raise ValueError(IN_A_TUPLE.format(wrt=filter_repr(wrt), path=format_path(path), name=name))
 
@@ -567,5 +552,5 @@ def _changed_params(layout: _StateLayout, params: list[tuple[Path, Any]]) -> str
         for (path, leaf), spec in zip(params, layout.specs, strict=True):
             if _specs([(path, leaf)])[0] != spec:
                 was = f"{spec[1].name}[{', '.join(map(str, spec[0]))}]" if spec else "not an array"
-                lines.append(f"  `{format_path(path)}` is {_spec(unwrap(leaf))}, was {was}")
+                lines.append(f"  `{format_path(path)}` is {spec_text(unwrap(leaf))}, was {was}")
     return "\n".join(lines[:6]) or "  the same paths, but other Variable metadata"

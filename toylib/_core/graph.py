@@ -54,6 +54,7 @@ __all__ = [
     "iter_modules",
     "iter_variables",
     "merge",
+    "parent_of",
     "pop",
     "split",
     "state",
@@ -482,12 +483,18 @@ def _planned_write(node: Any, live: dict[Path, Any], path: Path, new: Any) -> tu
     value = checked_value(unwrap(target), new, format_path(path), "tl.update")
     if isinstance(target, Variable):
         return target, None, value
-    parent = node
-    for key in path[:-1]:
-        parent = vars(parent)[key] if isinstance(parent, Module) else parent[key]
+    parent = parent_of(node, path)
     if isinstance(parent, tuple):
         _update_error(path, new, "it is inside a tuple, which cannot change in place")
     return parent, path[-1], value
+
+
+def parent_of(node: Any, path: Path) -> Any:
+    """The Module or container holding the value at ``path`` (a bare array's parent)."""
+    parent = node
+    for key in path[:-1]:
+        parent = vars(parent)[key] if isinstance(parent, Module) else parent[key]
+    return parent
 
 
 def write_all(writes: list[tuple[Any, Any, Any]]) -> None:

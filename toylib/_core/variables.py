@@ -34,6 +34,7 @@ from toylib._core.watchers import changed
 __all__ = [
     "BatchStat",
     "checked_value",
+    "spec_text",
     "unwrap",
     "Cache",
     "Intermediate",
@@ -244,10 +245,11 @@ def _outside_trace(variable: Variable) -> str:
     return OUTSIDE_TRACE.format(where=where, cls=type(variable).__name__, transform=transform)
 
 
-def _spec_text(x: Any) -> str:
+def spec_text(x: Any) -> str:
+    """``float32[3, 4]`` for an array (abstract or traced too), ``a str`` for anything else."""
     if hasattr(x, "shape") and hasattr(x, "dtype"):
         return f"{getattr(x.dtype, 'name', x.dtype)}[{', '.join(map(str, x.shape))}]"
-    return f"a {type(x).__name__} ({repr(x)[:40]})"
+    return f"a {type(x).__name__}"
 
 
 def checked_value(old: Any, new: Any, path: str, caller: str) -> Any:
@@ -276,8 +278,8 @@ def checked_value(old: Any, new: Any, path: str, caller: str) -> Any:
             WRONG_VALUE.format(
                 caller=caller,
                 path=path,
-                expected=_spec_text(old),
-                got=_spec_text(new) if hasattr(new, "shape") else f"a {type(new).__name__}",
+                expected=spec_text(old),
+                got=spec_text(new),
                 fix=fix,
             )
         )

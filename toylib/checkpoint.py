@@ -45,10 +45,10 @@ import jax
 import numpy as np
 
 from toylib._core import graph
-from toylib._core.paths import format_path
-from toylib._core.skeleton import is_array
-from toylib._core.variables import Variable
-from toylib.transforms.lifting import is_graph_node, plain_key
+from toylib._core.paths import first_few, format_path, nest
+from toylib._core.skeleton import is_array, is_graph_node
+from toylib._core.variables import unwrap
+from toylib.transforms.lifting import plain_key
 
 __all__ = ["load", "save"]
 
@@ -152,7 +152,7 @@ class _Flat:
         self.counts: list[int] = []
         for (index, *rest), leaf in self.leaves:
             base = (*keypaths[self.positions[index]], *rest)
-            value = leaf.value if isinstance(leaf, Variable) else leaf
+            value = unwrap(leaf)
             parts, value_def = jax.tree_util.tree_flatten_with_path(value)
             self.value_defs.append(value_def)
             self.counts.append(len(parts))
@@ -184,11 +184,10 @@ def _name(path: Key) -> tuple[str, ...]:
 
 def _nest(flat: list[tuple[Key, Any]]) -> dict:
     """``[(path, x)]`` as nested str-keyed dicts; two paths with one name are an error."""
-    tree: dict = {}
     joined: dict[str, Key] = {}  # orbax's name for each array: the keys joined by dots
     leaves: dict[tuple[str, ...], Key] = {}
     prefixes: dict[tuple[str, ...], Key] = {}  # every prefix of a name -> a path with it
-    for path, x in flat:
+    for path, _ in flat:
         name = _name(path)
         # One orbax name, or a name that is an array for one path and a dict for another.
         clashes = [joined.get(".".join(name)), prefixes.get(name)]
@@ -203,11 +202,7 @@ def _nest(flat: list[tuple[Key, Any]]) -> dict:
         joined[".".join(name)] = leaves[name] = path
         for i in range(1, len(name) + 1):
             prefixes.setdefault(name[:i], path)
-        node = tree
-        for key in name[:-1]:
-            node = node.setdefault(key, {})
-        node[name[-1]] = x
-    return tree
+    return nest((_name(path), x) for path, x in flat)
 
 
 def _fetch(tree: dict, path: Key) -> Any:
@@ -472,15 +467,13 @@ def _check_match(source: Path, saved: dict[str, Any], entries: list[tuple[Key, A
             if ours != theirs:
                 wrong.append(f"  `{name}`: {ours} in `like`, {theirs} saved")
         if wrong:
-            more = [f"  and {len(wrong) - 5} more"] if len(wrong) > 5 else []
-            raise ValueError(message.format(path=source, details="\n".join(wrong[:5] + more)))
+            raise ValueError(message.format(path=source, details=first_few(wrong, lines=True)))
 
 
 def _listing(label: str, names: list[str]) -> str:
     if not names:
         return ""
-    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
-    return f"  {label}: {', '.join(f'`{n}`' for n in names[:5])}{more}"
+    return f"  {label}: {first_few(f'`{n}`' for n in names)}"
 
 
 def _restore_target(x: Any) -> Any:

@@ -18,7 +18,7 @@ import optax
 from toylib._core.filters import filter_repr, to_predicate
 from toylib._core.graph import flatten, parent_of, tree_leaf_paths, write_all
 from toylib._core.module import Module
-from toylib._core.paths import Path, format_path, list_paths, sorted_keys
+from toylib._core.paths import Path, first_few, format_path, list_paths, sorted_keys
 from toylib._core.state import State
 from toylib._core.variables import Param, Variable, checked_value, spec_text, unwrap
 
@@ -350,9 +350,7 @@ class Optimizer(Module):
                     total = total + value
                 out.append((path, param.replace(value=total) if _is_variable(param) else total))
         if problems:
-            details = "\n".join(f"  `{format_path(p)}`: {text}" for p, text, _ in problems[:5])
-            if len(problems) > 5:
-                details += f"\n  and {len(problems) - 5} more"
+            details = first_few((f"  `{format_path(p)}`: {t}" for p, t, _ in problems), lines=True)
             path, _, fix = problems[0]
             raise ValueError(
                 GRADS_WRONG_VALUE.format(

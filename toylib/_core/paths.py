@@ -12,7 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["Path", "format_path", "get_nested", "list_paths", "nest", "sorted_keys"]
+__all__ = [
+    "Path",
+    "first_few",
+    "format_path",
+    "get_nested",
+    "list_paths",
+    "nest",
+    "sorted_keys",
+]
 
 Path = tuple[Any, ...]
 
@@ -83,6 +91,20 @@ def get_nested(nested: Any, path: Path) -> Any:
     return nested
 
 
+def first_few(texts: Iterable[str], limit: int = 5, lines: bool = False) -> str:
+    """``a, b and 3 more`` (or one line each, ``lines=True``): an error message's list.
+
+    Example:
+        >>> first_few(["a", "b", "c"], limit=2)
+        'a, b and 1 more'
+    """
+    texts = list(texts)
+    extra = len(texts) - limit
+    if lines:
+        return "\n".join([*texts[:limit], *([f"  and {extra} more"] if extra > 0 else [])])
+    return ", ".join(texts[:limit]) + (f" and {extra} more" if extra > 0 else "")
+
+
 def list_paths(paths: Iterable[Path], limit: int = 5, root: str = "model") -> str:
     """``model.a, model.b and 3 more``: the first ``limit`` paths of an error message.
 
@@ -90,6 +112,4 @@ def list_paths(paths: Iterable[Path], limit: int = 5, root: str = "model") -> st
         >>> list_paths([("a",), ("b",), ("c",)], limit=2)
         'model.a, model.b and 1 more'
     """
-    paths = list(paths)
-    shown = ", ".join(format_path(p, root) for p in paths[:limit])
-    return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+    return first_few((format_path(p, root) for p in paths), limit)

@@ -76,17 +76,21 @@ def running() -> list[Any]:
 
 
 @contextlib.contextmanager
-def labelled(module: Any, label: str) -> Iterator[None]:
-    """Within the block, ``module_path`` shows ``module`` as ``label`` (e.g. ``.blocks[*]``)."""
-    token = _labels.set({**(_labels.get() or {}), id(module): label})
+def _set(var: ContextVar, value: Any) -> Iterator[None]:
+    """Within the block, ``var`` is ``value``; the previous value comes back after."""
+    token = var.set(value)
     try:
         yield
     finally:
-        _labels.reset(token)
+        var.reset(token)
 
 
-@contextlib.contextmanager
-def intercept_calls(wrapper: Callable) -> Iterator[None]:
+def labelled(module: Any, label: str) -> contextlib.AbstractContextManager[None]:
+    """Within the block, ``module_path`` shows ``module`` as ``label`` (e.g. ``.blocks[*]``)."""
+    return _set(_labels, {**(_labels.get() or {}), id(module): label})
+
+
+def intercept_calls(wrapper: Callable) -> contextlib.AbstractContextManager[None]:
     """Within the block, every Module call runs as ``wrapper(call, module, args, kwargs)``.
 
     ``call(module, *args, **kwargs)`` is the Module's own ``__call__``; the
@@ -94,21 +98,12 @@ def intercept_calls(wrapper: Callable) -> Iterator[None]:
     ``__call__`` reaches the wrapper again with the same module. Only calls
     made in this thread are intercepted.
     """
-    token = _interceptors.set((*_interceptors.get(), wrapper))
-    try:
-        yield
-    finally:
-        _interceptors.reset(token)
+    return _set(_interceptors, (*_interceptors.get(), wrapper))
 
 
-@contextlib.contextmanager
-def transform(name: str) -> Iterator[None]:
+def transform(name: str) -> contextlib.AbstractContextManager[None]:
     """Within the block, ``transform_name()`` is ``name`` (e.g. ``tl.jit(step)``)."""
-    token = _transforms.set((name, _transforms.get()))
-    try:
-        yield
-    finally:
-        _transforms.reset(token)
+    return _set(_transforms, (name, _transforms.get()))
 
 
 def transform_name() -> str | None:

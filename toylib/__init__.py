@@ -30,7 +30,7 @@ from toylib._core.variables import (
     RngState,
     Variable,
 )
-from toylib.checkpoint import load, save
+from toylib.checkpoint import load, load_bytes, save, save_bytes
 from toylib.display import display
 from toylib.optim import Optimizer, OptState
 from toylib.summary import summary
@@ -82,12 +82,14 @@ __all__ = [
     "iter_variables",
     "jit",
     "load",
+    "load_bytes",
     "merge",
     "metrics",
     "nn",
     "pop",
     "remat",
     "save",
+    "save_bytes",
     "scan",
     "split",
     "state",

@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from conftest import assert_unchanged, run_in_threads, snapshot
 
 import toylib as tl
 from toylib import checkpoint, nn
@@ -300,14 +301,14 @@ def test_save_refuses_what_it_cannot_store_and_never_deletes_other_files(tmp_pat
 
 def fail_after_writing(monkeypatch):
     """Make orbax's handler write the arrays, then fail before the checkpoint is finalised."""
-    real_save = ocp.StandardCheckpointHandler.save
+    real_save = ocp.PyTreeCheckpointHandler.save
 
     def save_then_fail(self, directory, *args, **kwargs):
         real_save(self, directory, *args, **kwargs)
         assert any(directory.iterdir())  # data is on disk, half a checkpoint
         raise OSError("disk full")
 
-    monkeypatch.setattr(ocp.StandardCheckpointHandler, "save", save_then_fail)
+    monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "save", save_then_fail)
 
 
 def test_an_interrupted_first_save_leaves_no_checkpoint(tmp_path, monkeypatch):
@@ -429,3 +430,244 @@ def test_load_restores_directly_into_like_shardings(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "ok"
+
+
+# -- concurrent saves ------------------------------------------------------------------------
+
+WRITER = """
+import os, sys, time
+import jax, jax.numpy as jnp, numpy as np, toylib as tl
+from toylib import nn
+path, sync, me, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+
+def meet(name, parties=2, timeout=60):
+    open(os.path.join(sync, f"{name}.{me}"), "w").close()
+    end = time.monotonic() + timeout
+    while sum(f.startswith(name + ".") for f in os.listdir(sync)) < parties:
+        assert time.monotonic() < end, f"barrier {name} timed out"
+        time.sleep(0.001)
+
+def filled(value):
+    model = nn.MLP([64, 256, 256, 4], rngs=0)  # ~80k parameters: saves overlap in time
+    return jax.tree.map(lambda x: jnp.full_like(x, value), model)
+
+for r in range(rounds):
+    meet(f"start{r}")
+    tl.save(path, filled(100 * r + me))
+    print(f"saved {r}", flush=True)
+    meet(f"saved{r}")
+    if me == 0:  # both saves reported success: the checkpoint is one of them, whole
+        loaded = tl.load(path, filled(-1))
+        values = {float(v.value.ravel()[0]) for v in tl.state(loaded).flat().values()}
+        uniform = all(bool((v.value == v.value.ravel()[0]).all())
+                      for v in tl.state(loaded).flat().values())
+        assert uniform and len(values) == 1 and values <= {100.0 * r, 100.0 * r + 1}, values
+        print(f"checked {r} {values.pop()}", flush=True)
+    meet(f"checked{r}")
+"""
+
+
+def test_two_processes_saving_to_one_path_leave_one_whole_checkpoint(tmp_path):
+    rounds = 10
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    target = tmp_path / "ckpt" / "c"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(target), str(sync), str(me), str(rounds)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for me in (0, 1)
+    ]
+    try:
+        outputs = [w.communicate(timeout=300) for w in writers]
+    finally:
+        for w in writers:
+            w.kill()  # a no-op for a finished process; ends a hung one
+    for w, (out, err) in zip(writers, outputs, strict=True):
+        assert w.returncode == 0, err[-3000:]
+        assert [line for line in out.splitlines() if line.startswith("saved")] == [
+            f"saved {r}" for r in range(rounds)
+        ]
+    checked = [line for line in outputs[0][0].splitlines() if line.startswith("checked")]
+    assert len(checked) == rounds
+    assert os.listdir(target.parent) == ["c"]  # no staging directory left behind
+
+
+def test_threads_saving_to_one_path_leave_one_whole_checkpoint(tmp_path):
+    models = [nn.Linear(8, 8, rngs=i) for i in range(4)]
+    for _ in range(3):
+        results = run_in_threads(*[lambda m=m: tl.save(tmp_path / "c", m) for m in models])
+        assert results == [None] * 4
+        loaded = tl.load(tmp_path / "c", nn.Linear(8, 8, rngs=9))
+        kernel = np.asarray(loaded.kernel.value)
+        owner = [i for i, m in enumerate(models) if (np.asarray(m.kernel.value) == kernel).all()]
+        assert len(owner) == 1
+        np.testing.assert_array_equal(loaded.bias.value, models[owner[0]].bias.value)
+        assert os.listdir(tmp_path) == ["c"]
+
+
+def test_a_live_saves_staging_directory_is_left_alone_and_a_dead_ones_removed(tmp_path):
+    model = nn.Linear(2, 3, rngs=0)
+    host = checkpoint.moves.socket.gethostname()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    ).stdout.strip()
+    live = tmp_path / f"c.toylib-tmp.{host}.{os.getpid()}.0123abcd"  # as another thread's
+    gone = tmp_path / f"c.toylib-tmp.{host}.{dead}.0123abcd.orbax-checkpoint-tmp"
+    for d in (live, gone):
+        d.mkdir()
+    tl.save(tmp_path / "c", model)
+    assert sorted(os.listdir(tmp_path)) == sorted(["c", live.name])
+
+
+# -- integrity ---------------------------------------------------------------------------------
+
+
+def _array_file(checkpoint_dir, name):
+    """The data file orbax wrote for the array stored as ``name`` (its only chunk here)."""
+    (data,) = [f for f in (checkpoint_dir / name).iterdir() if not f.name.startswith(".")]
+    return data
+
+
+def test_flipped_bytes_in_an_array_file_are_detected_and_name_the_array(tmp_path):
+    model, like = make(0)[0], make(1)[0]
+    tl.save(tmp_path / "c", model)
+    data = _array_file(tmp_path / "c", "l1.kernel")
+    raw_bytes = bytearray(data.read_bytes())
+    raw_bytes[-16:] = bytes(b ^ 0xFF for b in raw_bytes[-16:])
+    data.write_bytes(bytes(raw_bytes))
+    before = snapshot(like)
+    with pytest.raises(OSError) as caught:
+        tl.load(tmp_path / "c", like)
+    message = str(caught.value)
+    assert f"the checkpoint at {tmp_path / 'c'} is damaged" in message
+    assert str(data) in message and "`model.l1.kernel`" in message
+    assert "does not match the CRC-32 digest" in message
+    assert_unchanged(like, before)
+    # verify=False skips the digest: whatever the reader makes of the bytes, it
+    # either loads or fails with toylib's error, never with tensorstore's alone.
+    try:
+        tl.load(tmp_path / "c", like, verify=False)
+    except OSError as error:
+        assert "`model.l1.kernel`" in str(error) or "could not read" in str(error)
+
+
+@pytest.mark.parametrize("victim", ["array", "metadata", "manifest", "missing"])
+def test_truncated_or_missing_files_raise_toylibs_error(tmp_path, victim):
+    model, like = make(0)[0], make(1)[0]
+    tl.save(tmp_path / "c", model)
+    ckpt = tmp_path / "c"
+    file = {
+        "array": _array_file(ckpt, "l2.bias"),
+        "metadata": ckpt / "_METADATA",
+        "manifest": ckpt / "toylib.json",
+        "missing": ckpt / "l1.bias" / ".zarray",
+    }[victim]
+    if victim == "missing":
+        file.unlink()
+    else:
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    before = snapshot(like)
+    for verify in (True, False):  # the size check needs no digest
+        with pytest.raises(OSError, match="is damaged") as caught:
+            tl.load(ckpt, like, verify=verify)
+        message = str(caught.value)
+        assert str(ckpt) in message and str(file) in message
+        holds = {
+            "array": "`model.l2.bias`",
+            "metadata": "the checkpoint's metadata",
+            "manifest": "the list of arrays and digests",
+            "missing": "`model.l1.bias`",
+        }[victim]
+        assert f"which holds {holds}" in message
+        assert "is missing" if victim == "missing" else "bytes" in message or "read" in message
+    assert_unchanged(like, before)
+    tl.save(ckpt, model)  # a damaged checkpoint can be saved over
+    assert_same_state(tl.load(ckpt, like), model)
+
+
+def test_a_checkpoint_of_an_earlier_toylib_says_how_to_recover_it(tmp_path):
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as orbax_checkpointer:
+        orbax_checkpointer.save(
+            tmp_path / "v1",
+            args=ocp.args.StandardSave({"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}),
+            custom_metadata={"toylib": {"format": 1, "leaves": {}}},
+        )
+    with pytest.raises(FileNotFoundError, match=r"toylib 0.1 \(format 1.*restore its arrays"):
+        tl.load(tmp_path / "v1", nn.Linear(2, 3, rngs=0))
+    tl.save(tmp_path / "v1", nn.Linear(2, 3, rngs=0))  # and it may be saved over
+
+
+def _read_only(directory, on):
+    """Make ``directory`` read-only (root ignores permissions: it gets the immutable flag)."""
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "+i" if on else "-i", str(directory)], check=True)
+    else:
+        os.chmod(directory, 0o555 if on else 0o755)
+
+
+def test_a_save_into_a_read_only_directory_says_so_and_keeps_the_old_checkpoint(tmp_path):
+    old, new = nn.Linear(2, 3, rngs=0), nn.Linear(2, 3, rngs=1)
+    tl.save(tmp_path / "c", old)
+    _read_only(tmp_path, True)
+    try:
+        with pytest.raises(PermissionError) as caught:
+            tl.save(tmp_path / "c", new)
+        with pytest.raises(PermissionError, match="cannot write the checkpoint"):
+            tl.save(tmp_path / "sub" / "c", new)  # its parent cannot be made either
+        loaded = tl.load(tmp_path / "c", new)  # loading needs no write access
+    finally:
+        _read_only(tmp_path, False)
+    assert f"cannot write the checkpoint {tmp_path / 'c'}" in str(caught.value)
+    assert "not permitted" in str(caught.value) or "denied" in str(caught.value)
+    assert os.listdir(tmp_path) == ["c"]
+    assert_same_state(loaded, old)
+
+
+# -- placement ---------------------------------------------------------------------------------
+
+
+def test_loaded_arrays_are_committed_exactly_when_likes_are(tmp_path):
+    model = nn.Linear(2, 3, rngs=0)
+    tl.save(tmp_path / "c", (model, tl.Rngs(1)))
+    fresh = tl.load(tmp_path / "c", (nn.Linear(2, 3, rngs=1), tl.Rngs(2)))
+    abstract = tl.load(tmp_path / "c", tl.eval_shape(lambda: (nn.Linear(2, 3, rngs=1), tl.Rngs(2))))
+    for loaded in (fresh, abstract):
+        arrays = jax.tree.leaves(tl.state(loaded))
+        assert arrays and not any(a.committed for a in arrays)
+    device = jax.devices()[0]
+    committed = nn.Linear(2, 3, rngs=1)
+    committed.kernel.value = jax.device_put(committed.kernel.value, device)
+    loaded = tl.load(tmp_path / "c", (committed, tl.Rngs(2)))[0]
+    assert loaded.kernel.value.committed and not loaded.bias.value.committed
+    assert loaded.kernel.value.sharding == committed.kernel.value.sharding
+
+
+@tl.jit
+def metered_step(model, optimizer, metric, x, y):
+    loss, grads = tl.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+    metric.update(values=loss)
+    return loss
+
+
+def test_a_step_compiled_for_fresh_objects_does_not_compile_again_after_a_load(tmp_path, caplog):
+    model, optimizer = make(0)
+    metered_step(model, optimizer, tl.metrics.Average(), X, Y)  # compiled for fresh objects
+    tl.save(tmp_path / "c", (model, optimizer))
+    restored = tl.load(tmp_path / "c", make(5))
+    abstract = tl.load(tmp_path / "c", tl.eval_shape(lambda: make(5)))
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+        for _ in range(2):  # restored and fresh objects, alternating
+            for objects in (restored, abstract, (model, optimizer)):
+                metered_step(*objects, tl.metrics.Average(), X, Y)
+    assert [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()] == []
+    assert int(restored[1].step.value) == 3 == int(optimizer.step.value)  # the steps ran

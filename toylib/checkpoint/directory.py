@@ -15,6 +15,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from toylib._core.paths import format_path, nest
 from toylib.checkpoint import moves
 from toylib.checkpoint.entries import (
@@ -114,7 +116,7 @@ def save(path: str | os.PathLike, obj: Any) -> None:
     staging = moves.staging_for(target)
     try:
         with moves.quiet_absl(), ocp.Checkpointer(_handler()) as checkpointer:
-            checkpointer.save(staging, args=ocp.args.StandardSave(tree))
+            checkpointer.save(staging, args=ocp.args.PyTreeSave(tree))
         _write_manifest(staging, stored)
         moves.move_into_place(staging, target, _is_checkpoint)
     finally:
@@ -126,7 +128,7 @@ def _handler() -> Any:
 
     # Without OCDBT each array has its own directory, so a damaged file names
     # its array. orbax writes and reads these as fast on local disks.
-    return ocp.StandardCheckpointHandler(use_ocdbt=False)
+    return ocp.PyTreeCheckpointHandler(use_ocdbt=False)
 
 
 def _write_manifest(staging: Path, stored: list[Entry]) -> None:
@@ -244,14 +246,26 @@ def _restore(source: Path, manifest: dict[str, Any], flat: Flat) -> list[Any]:
     import orbax.checkpoint as ocp
 
     targets = [(p, data_like(x)) for p, x in flat.entries]
+    # Committed arrays are read straight into their sharding; the others as
+    # numpy, and `finish` puts them on the default device uncommitted.
+    how = [(p, _restore_args(t)) for p, t in targets]
+    args = ocp.args.PyTreeRestore(item=_nest(targets), restore_args=_nest(how))
     try:
         with moves.quiet_absl(), ocp.Checkpointer(_handler()) as checkpointer:
-            restored = checkpointer.restore(source, args=ocp.args.StandardRestore(_nest(targets)))
+            restored = checkpointer.restore(source, args=args)
     except Exception as error:  # orbax/tensorstore: name the file if a digest says which
         _check_files(source, manifest, verify=True)
         raise OSError(UNREADABLE.format(path=source, error=error)) from error
     leaves = manifest["leaves"]
     return [finish(_fetch(restored, p), x, leaves[format_path(p)]) for p, x in flat.entries]
+
+
+def _restore_args(target: Any) -> Any:
+    import orbax.checkpoint as ocp
+
+    if target.sharding is None:
+        return ocp.RestoreArgs(restore_type=np.ndarray)
+    return ocp.ArrayRestoreArgs(sharding=target.sharding)
 
 
 def _read_manifest(source: Path) -> dict[str, Any]:

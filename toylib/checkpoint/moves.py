@@ -63,7 +63,8 @@ def staging_for(target: Path) -> Path:
         staging.mkdir()  # a probe: orbax wants to create the directory itself
         staging.rmdir()
     except OSError as error:
-        raise PermissionError(UNWRITABLE.format(path=target, error=error)) from error
+        kind = PermissionError if isinstance(error, PermissionError) else OSError
+        raise kind(UNWRITABLE.format(path=target, error=error)) from error
     return staging
 
 

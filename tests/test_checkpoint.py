@@ -156,6 +156,7 @@ def test_variable_array_and_containers_round_trip_with_metadata_and_static_value
         "host": np.array([0.5, 1.5]),
         "counts": [tl.Variable(jnp.array(3)), tl.Variable(2.5)],
         "name": "run-1",
+        "empty": tl.Variable(jnp.zeros((0, 4), jnp.bfloat16)),  # orbax cannot store it itself
     }
     tl.save(tmp_path / "c", obj)
     like = {
@@ -164,6 +165,7 @@ def test_variable_array_and_containers_round_trip_with_metadata_and_static_value
         "host": np.zeros(2),
         "counts": [tl.Variable(jnp.array(0)), tl.Variable(0.0)],
         "name": "from-like",
+        "empty": tl.Variable(jnp.zeros((0, 4), jnp.bfloat16)),
     }
     loaded = tl.load(tmp_path / "c", like)
     assert type(loaded["w"]) is tl.Param and loaded["w"].sharding == ("embed", "mlp")
@@ -173,6 +175,9 @@ def test_variable_array_and_containers_round_trip_with_metadata_and_static_value
     assert int(loaded["counts"][0].value) == 3
     assert loaded["counts"][1].value == 2.5 and type(loaded["counts"][1].value) is float
     assert loaded["name"] == "from-like"  # a Python value outside a Variable is structure
+    assert loaded["empty"].value.shape == (0, 4) and loaded["empty"].value.dtype == jnp.bfloat16
+    tl.save(tmp_path / "e", {"only": jnp.zeros(0)})  # nothing for orbax to write at all
+    assert tl.load(tmp_path / "e", {"only": jnp.ones(0)})["only"].shape == (0,)
 
     tl.save(tmp_path / "v", tl.RngState(jax.random.key(3)))
     key = tl.load(tmp_path / "v", tl.RngState(jax.random.key(0))).value
@@ -550,7 +555,7 @@ def test_flipped_bytes_in_an_array_file_are_detected_and_name_the_array(tmp_path
     message = str(caught.value)
     assert f"the checkpoint at {tmp_path / 'c'} is damaged" in message
     assert str(data) in message and "`model.l1.kernel`" in message
-    assert "does not match the CRC-32 digest" in message
+    assert "does not match the CRC-32C digest" in message
     assert_unchanged(like, before)
     # verify=False skips the digest: whatever the reader makes of the bytes, it
     # either loads or fails with toylib's error, never with tensorstore's alone.

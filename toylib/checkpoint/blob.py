@@ -10,13 +10,13 @@ bytes      content
 =========  ================================================================
 0-7        the magic ``b"\\x89TOYLIB\\n"``
 8-15       ``n``, the header's length in bytes (unsigned, little-endian)
-16-16+n    the header: UTF-8 JSON ``{"format": 1, "digest": "crc32",
+16-16+n    the header: UTF-8 JSON ``{"format": 1, "digest": "crc32c",
            "leaves": {model path: {"shape", "dtype", ["key"], "data"}}}``
 then       the arrays' bytes, C order, each at ``data.offset`` (counted
            from the end of the header, 64-byte aligned), ``data.nbytes``
            long, with ``data.dtype`` / ``data.shape`` (a PRNG key is stored
            as its key data, ``key`` naming its implementation) and
-           ``data.crc32``, the CRC-32 of those bytes
+           ``data.crc32c``, the CRC-32C of those bytes
 =========  ================================================================
 """
 
@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import json
 import struct
-import zlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from google_crc32c import value as crc32c
 
 from toylib._core.paths import format_path
 from toylib.checkpoint.entries import DAMAGED, Flat, check_match, finish, to_store
@@ -53,7 +53,7 @@ def save_bytes(obj: Any) -> bytes:
 
     It stores what ``tl.save`` stores: every array held by a Variable once
     (a tied weight once), dtypes as they are, PRNG keys with their
-    implementation, and a CRC-32 of each array. Python values outside
+    implementation, and a CRC-32C of each array. Python values outside
     Variables are structure and come from ``like`` when loading.
 
     Arguments:
@@ -88,11 +88,11 @@ def save_bytes(obj: Any) -> bytes:
                 "shape": list(np.shape(host)),
                 "offset": offset,
                 "nbytes": len(data),
-                "crc32": zlib.crc32(data),
+                "crc32c": crc32c(data),
             },
         }
         offset += len(data)
-    header = json.dumps({"format": FORMAT, "digest": "crc32", "leaves": leaves}).encode()
+    header = json.dumps({"format": FORMAT, "digest": "crc32c", "leaves": leaves}).encode()
     header += b" " * (-(len(MAGIC) + 8 + len(header)) % _ALIGN)  # arrays start aligned
     return b"".join([MAGIC, struct.pack("<Q", len(header)), header, *chunks])
 
@@ -108,7 +108,7 @@ def load_bytes(blob: bytes | bytearray | memoryview, like: Any, *, verify: bool 
     Arguments:
         blob: the bytes ``tl.save_bytes`` returned.
         like: an object of the saved structure, live or from ``tl.eval_shape``.
-        verify: check each array's CRC-32 (on by default). A blob cut short is
+        verify: check each array's CRC-32C (on by default). A blob cut short is
             an error either way.
 
     Returns:
@@ -177,8 +177,10 @@ def _array(view: memoryview, start: int, name: str, meta: dict, verify: bool) ->
     problem = None
     if end > len(view):
         problem = f"is cut short: the blob has {len(view)} bytes, this array ends at {end}"
-    elif verify and zlib.crc32(view[begin:end]) != data["crc32"]:
-        problem = "does not match the CRC-32 digest written at save"
+    else:
+        raw = np.frombuffer(view[begin:end], np.uint8)  # no copy
+        if verify and crc32c(raw) != data["crc32c"]:
+            problem = "does not match the CRC-32C digest written at save"
     if problem is not None:
         raise ValueError(
             DAMAGED.format(
@@ -190,4 +192,4 @@ def _array(view: memoryview, start: int, name: str, meta: dict, verify: bool) ->
             )
         )
     dtype = jnp.dtype(data["dtype"])  # knows bfloat16 and the other ml_dtypes
-    return np.frombuffer(view[begin:end], dtype=dtype).reshape(data["shape"])
+    return raw.view(dtype).reshape(data["shape"])

@@ -3,19 +3,20 @@
 The directory holds orbax's files (one zarr array per stored array, no OCDBT
 database, so each file belongs to one array) and ``toylib.json``: the format
 version, every stored array's model path, shape and dtype, and the size and
-CRC-32 of every file orbax wrote. ``toylib.json`` is written last, inside the
+CRC-32C of every file orbax wrote. ``toylib.json`` is written last, inside the
 staging directory, so a directory that has it is a whole checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 
 from toylib._core.paths import format_path, nest
@@ -81,7 +82,7 @@ def save(path: str | os.PathLike, obj: Any) -> None:
     resumed run draws the same dropout masks as one that never stopped.
 
     The save is atomic and safe to run concurrently: the files are written to
-    a staging directory of this call's own, with a CRC-32 of each file, then
+    a staging directory of this call's own, with a CRC-32C of each file, then
     moved into place under an exclusive lock on the parent directory. Saving
     over a checkpoint swaps the two directories in one rename, so ``path``
     always holds one whole checkpoint: the old one, or one of the writers'.
@@ -112,12 +113,17 @@ def save(path: str | os.PathLike, obj: Any) -> None:
 
     target = as_path(path, "tl.save")
     _, stored = to_store(obj, "tl.save")
-    tree = _nest([(p, x) for p, x, _ in stored])
+    _nest([(p, x) for p, x, _ in stored])  # two paths with one name: an error, before writing
+    # orbax cannot store an array with no elements; the manifest's shape and dtype are all of it.
+    tree = _nest([(p, x) for p, x, _ in stored if x.size])
     moves.check_replaceable(target, _is_checkpoint)
     staging = moves.staging_for(target)
     try:
-        with moves.quiet_absl(), ocp.Checkpointer(_handler()) as checkpointer:
-            checkpointer.save(staging, args=ocp.args.PyTreeSave(tree))
+        if tree:
+            with moves.quiet_absl(), ocp.Checkpointer(_handler()) as checkpointer:
+                checkpointer.save(staging, args=ocp.args.PyTreeSave(tree))
+        else:
+            staging.mkdir()
         _write_manifest(staging, stored)
         moves.move_into_place(staging, target, _is_checkpoint)
     finally:
@@ -139,12 +145,12 @@ def _write_manifest(staging: Path, stored: list[Entry]) -> None:
         leaves[format_path(path)] = {**meta, "name": ".".join(_name(path))}
     written = sorted(p for p in staging.rglob("*") if p.is_file())
     with _pool() as pool:
-        crcs = list(pool.map(_crc32, written))
+        crcs = list(pool.map(_crc32c, written))
     files = {
         file.relative_to(staging).as_posix(): [file.stat().st_size, crc]
         for file, crc in zip(written, crcs, strict=True)
     }
-    manifest = {"format": FORMAT, "digest": "crc32", "leaves": leaves, "files": files}
+    manifest = {"format": FORMAT, "digest": "crc32c", "leaves": leaves, "files": files}
     with open(staging / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1)
         f.flush()
@@ -152,15 +158,15 @@ def _write_manifest(staging: Path, stored: list[Entry]) -> None:
 
 
 def _pool() -> ThreadPoolExecutor:
-    # zlib.crc32 releases the GIL, so files are digested in parallel.
+    # Reading a file releases the GIL, so files are read and digested in parallel.
     return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 
 
-def _crc32(file: Path) -> int:
+def _crc32c(file: Path) -> int:
     crc = 0
     with open(file, "rb", buffering=0) as f:
         while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)  # releases the GIL on large chunks
+            crc = google_crc32c.extend(crc, chunk)
     return crc
 
 
@@ -218,7 +224,7 @@ def load(path: str | os.PathLike, like: Any, *, verify: bool = True) -> Any:
     Arguments:
         path: a directory written by ``tl.save``.
         like: an object of the saved structure, e.g. ``(model, optimizer)``.
-        verify: check every file's CRC-32 against the one written at save
+        verify: check every file's CRC-32C against the one written at save
             (on by default; it reads each file once more). A file of the wrong
             size is an error either way.
 
@@ -252,11 +258,11 @@ def load(path: str | os.PathLike, like: Any, *, verify: bool = True) -> Any:
         with _pool() as pool:
             # The digests are computed while orbax reads; a mismatch discards what it read.
             files = [source / relative for relative in manifest["files"]]
-            pending = [pool.submit(_crc32, file) for file in files] if verify else []
+            pending = [pool.submit(_crc32c, file) for file in files] if verify else []
             try:
                 values = _restore(source, manifest, flat)
             except Exception as error:  # orbax/tensorstore: a digest may say which file
-                _check_files(source, manifest, list(pool.map(_crc32, files)))
+                _check_files(source, manifest, list(pool.map(_crc32c, files)))
                 raise OSError(UNREADABLE.format(path=source, error=error)) from error
             if verify:
                 _check_files(source, manifest, [p.result() for p in pending])
@@ -267,14 +273,24 @@ def _restore(source: Path, manifest: dict[str, Any], flat: Flat) -> list[Any]:
     import orbax.checkpoint as ocp
 
     targets = [(p, data_like(x)) for p, x in flat.entries]
-    # Committed arrays are read straight into their sharding; the others as
-    # numpy, and `finish` puts them on the default device uncommitted.
-    how = [(p, _restore_args(t)) for p, t in targets]
-    args = ocp.args.PyTreeRestore(item=_nest(targets), restore_args=_nest(how))
-    with moves.quiet_absl(), ocp.Checkpointer(_handler()) as checkpointer:
-        restored = checkpointer.restore(source, args=args)
+    stored = [(p, t) for p, t in targets if math.prod(t.shape)]  # empty arrays are not stored
+    restored: dict = {}
+    if stored:
+        # Committed arrays are read straight into their sharding; the others as
+        # numpy, and `finish` puts them on the default device uncommitted.
+        how = [(p, _restore_args(t)) for p, t in stored]
+        args = ocp.args.PyTreeRestore(item=_nest(stored), restore_args=_nest(how))
+        with moves.quiet_absl(), ocp.Checkpointer(_handler()) as checkpointer:
+            restored = checkpointer.restore(source, args=args)
     leaves = manifest["leaves"]
-    return [finish(_fetch(restored, p), x, leaves[format_path(p)]) for p, x in flat.entries]
+    return [
+        finish(
+            _fetch(restored, p) if math.prod(t.shape) else np.zeros(t.shape, t.dtype),
+            x,
+            leaves[format_path(p)],
+        )
+        for (p, t), (_, x) in zip(targets, flat.entries, strict=True)
+    ]
 
 
 def _restore_args(target: Any) -> Any:
@@ -335,7 +351,7 @@ def _why_not(source: Path) -> str:
 
 
 def _check_files(source: Path, manifest: dict[str, Any], crcs: list[int] | None = None) -> None:
-    """Every file of the manifest there, of its size, and of its CRC-32 if ``crcs`` are given."""
+    """Every file of the manifest there, of its size, and of its CRC-32C if ``crcs`` are given."""
     owners = {leaf["name"]: path for path, leaf in manifest["leaves"].items()}
     for i, (relative, (size, crc)) in enumerate(manifest["files"].items()):
         file = source / relative
@@ -345,7 +361,7 @@ def _check_files(source: Path, manifest: dict[str, Any], crcs: list[int] | None 
         elif file.stat().st_size != size:
             problem = f"has {file.stat().st_size} bytes, {size} were written"
         elif crcs is not None and crcs[i] != crc:
-            problem = "does not match the CRC-32 digest written at save"
+            problem = "does not match the CRC-32C digest written at save"
         if problem is not None:
             owner = owners.get(relative.split("/")[0])
             holds = f"`{owner}`" if owner else "the checkpoint's metadata"

@@ -676,3 +676,28 @@ def test_a_step_compiled_for_fresh_objects_does_not_compile_again_after_a_load(t
                 metered_step(*objects, tl.metrics.Average(), X, Y)
     assert [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()] == []
     assert int(restored[1].step.value) == 3 == int(optimizer.step.value)  # the steps ran
+
+
+class Renamed(tl.Module):
+    """Net with `l1` renamed to `first`: the checkpoint's paths no longer exist."""
+
+    def __init__(self, *, rngs: tl.Rngs) -> None:
+        self.first = nn.Linear(3, 8, rngs=rngs)
+        self.drop = nn.Dropout(0.3, rngs=rngs)
+        self.l2 = nn.Linear(8, 1, rngs=rngs)
+
+
+def test_a_renamed_attribute_or_another_model_names_both_sides_and_changes_nothing(tmp_path):
+    saved = make(0)[0]
+    tl.save(tmp_path / "c", saved)
+    for like in (Renamed(rngs=tl.Rngs(1)), nn.Linear(3, 8, rngs=0)):
+        before = snapshot(like)
+        with pytest.raises(ValueError, match="does not have the structure of `like`") as caught:
+            tl.load(tmp_path / "c", like)
+        lines = str(caught.value).splitlines()
+        extra = next(line for line in lines if "in the checkpoint, not in `like`" in line)
+        assert "`model.l1.kernel`" in extra
+        if isinstance(like, Renamed):
+            assert "in `like`, not in the checkpoint: `model.first.kernel`" in lines[1]
+        assert_unchanged(like, before)
+    assert_same_state(tl.load(tmp_path / "c", make(3)[0]), saved)  # the checkpoint is intact

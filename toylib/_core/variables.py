@@ -235,6 +235,12 @@ class Variable:
         parts += [f"{k}={v!r}" for k, v in self._metadata.items()]
         return f"{type(self).__name__}({', '.join(parts)})"
 
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        # treescope's protocol: toylib's handlers (and treescope) load on first use.
+        from toylib import _treescope
+
+        return _treescope.render_variable(self, path, subtree_renderer)
+
 
 def _outside_trace(variable: Variable) -> str:
     from toylib._core import calls  # calls.py builds on the graph walker, which needs us

@@ -7,7 +7,8 @@ adds on top of jax. ``import jax`` itself is timed the same way from an
 empty interpreter. Rounds are interleaved (every target once per round) and
 the figure is the median over rounds; the ratio is against Equinox.
 
-Run: python benchmarks/import_time.py [--rounds 21]
+Run: python benchmarks/import_time.py [--rounds 21] [--only toylib equinox]
+(from the repository root: the subprocesses import the toylib found there)
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ def probe(before: str, target: str) -> tuple[float, bool]:
     return float(out[0]), out[1] == "1"
 
 
-def measure(rounds: int) -> None:
+def measure(rounds: int, only: list[str] | None) -> None:
     available = []
     for label, before, target in TARGETS:
+        if only and not any(o in label for o in only):
+            continue
         try:
             probe(before, target)
         except subprocess.CalledProcessError:
@@ -82,8 +85,9 @@ def measure(rounds: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--only", nargs="*", help="substrings of the labels to run")
     args = parser.parse_args()
-    measure(args.rounds)
+    measure(args.rounds, args.only)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Every measurement runs in a fresh Python subprocess (nothing cached in
 library alone with ``time.perf_counter``, so the figure is what the library
 adds on top of jax. ``import jax`` itself is timed the same way from an
 empty interpreter. Rounds are interleaved (every target once per round) and
-the figure is the median over rounds; the ratio is against Equinox.
+the figure is the median over rounds; the ratio is the median over rounds
+of the ratio to Equinox in the same round.
 
 Run: python benchmarks/import_time.py [--rounds 21] [--only toylib equinox]
 (from the repository root: the subprocesses import the toylib found there)
@@ -74,11 +75,12 @@ def measure(rounds: int, only: list[str] | None) -> None:
         f"python {platform.python_version()}, {platform.processor() or platform.machine()}, "
         f"median of {rounds} fresh processes each"
     )
-    base = float(np.median(times["equinox (over jax)"])) if "equinox (over jax)" in times else None
+    base = np.array(times.get("equinox (over jax)", []))
     print(f"{'import':<26} {'seconds':>8} {'vs equinox':>10}  loads rich/treescope/orbax")
     for label, ts in times.items():
         median = float(np.median(ts))
-        ratio = f"{median / base:>10.2f}" if base else f"{'':>10}"
+        # Median of per-round ratios: a load change between rounds cancels out.
+        ratio = f"{float(np.median(np.array(ts) / base)):>10.2f}" if base.size else f"{'':>10}"
         print(f"{label:<26} {median:>8.3f} {ratio}  {'yes' if heavy[label] else 'no'}")
 
 

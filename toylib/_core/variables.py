@@ -26,7 +26,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import get_opaque_trace_state
+
+# jax.extend.core re-exports this function from jax._src.core; importing
+# jax.extend also imports Pallas (~0.1 s, a quarter of `import toylib`).
+from jax._src.core import get_opaque_trace_state
 from jax.tree_util import GetAttrKey
 
 from toylib._core.watchers import changed

@@ -6,8 +6,8 @@ functional view that keeps shared references. See DESIGN.md and README.md.
 
 ``tl.Optimizer``/``tl.OptState`` (optax) and ``tl.save``/``tl.load`` (orbax)
 are loaded on first use, and treescope and rich are imported by the calls
-that draw with them (``tl.display``, ``tl.summary``): ``import toylib`` costs
-little more than ``import jax`` (benchmarks/import_time.py).
+that draw with them (``tl.display``, ``tl.summary``), so ``import toylib``
+imports none of the four (benchmarks/import_time.py times it).
 """
 
 import importlib as _importlib

@@ -103,6 +103,7 @@ MODULE_MARK = "toylib.Module"
 
 
 def render_module(node: Any, path: str | None, subtree_renderer: Any) -> Any:
+    """A Module like a constructor call of its attributes; ``Module.__treescope_repr__``."""
 
     def draw() -> Any:
         children = []
@@ -119,7 +120,7 @@ def render_module(node: Any, path: str | None, subtree_renderer: Any) -> Any:
             )
         note = " ".join(filter(None, [_index(path), format_sizes(variable_sizes(node))]))
         return rendering_parts.build_foldable_tree_node_from_children(
-            # The mark lets tl.display's text view unfold every Module.
+            # The mark lets tl.display's layout unfold every Module (text and HTML).
             prefix=rendering_parts.with_layout_mark(
                 rendering_parts.siblings(
                     rendering_parts.maybe_qualified_type_name(type(node)), "("
@@ -162,6 +163,7 @@ def _comma(last: bool) -> Any:
 
 
 def render_variable(node: Any, path: str | None, subtree_renderer: Any) -> Any:
+    """A Variable as one line, ``Param float32[3, 2]``; ``Variable.__treescope_repr__``."""
 
     def draw() -> Any:
         label = rendering_parts.siblings(
@@ -197,6 +199,7 @@ def render_variable(node: Any, path: str | None, subtree_renderer: Any) -> Any:
 
 
 def render_state(node: Any, path: str | None, subtree_renderer: Any) -> Any:
+    """A State as ``State({...})`` of its entries; ``State.__treescope_repr__``."""
     return repr_lib.render_dictionary_wrapper(State, dict(node.items()), path, subtree_renderer)
 
 
@@ -209,8 +212,10 @@ def _fresh_record() -> Any:
 
 
 # One record of drawn objects per rendering, whatever the root (a dict of two
-# models sharing a layer too). A renderer set up without this builder still
-# works: the outermost toylib object then opens the record (see `_once`).
+# models sharing a layer too). A renderer set up without this builder (a
+# user's own, or the one already running the drawing that loaded this module,
+# when treescope is called directly before tl.display ever was) still works:
+# the outermost toylib object then opens the record (see `_once`).
 treescope.active_renderer.set_globally(
     treescope.active_renderer.get().extended_with(context_builders=[_fresh_record])
 )

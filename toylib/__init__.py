@@ -3,7 +3,14 @@
 Modules are ordinary mutable Python objects and JAX pytrees; state lives in
 typed Variables; ``split``/``merge``/``state``/``update``/``pop`` give a
 functional view that keeps shared references. See DESIGN.md and README.md.
+
+``tl.Optimizer``/``tl.OptState`` (optax) and ``tl.save``/``tl.load`` (orbax)
+are loaded on first use, and treescope and rich are imported by the calls
+that draw with them (``tl.display``, ``tl.summary``), so ``import toylib``
+imports none of the four (benchmarks/import_time.py times it).
 """
+
+import importlib as _importlib
 
 from toylib import metrics, nn
 from toylib._core import filters
@@ -30,9 +37,7 @@ from toylib._core.variables import (
     RngState,
     Variable,
 )
-from toylib.checkpoint import load, load_bytes, save, save_bytes
 from toylib.display import display
-from toylib.optim import Optimizer, OptState
 from toylib.summary import summary
 from toylib.transforms import (
     Carry,
@@ -50,6 +55,30 @@ from toylib.transforms import (
 )
 
 __version__ = "0.1.0"
+
+# Public names whose modules import a heavy dependency (optax: 0.1 s, orbax:
+# more): `tl.Optimizer` imports toylib.optim the first time it is read.
+_LAZY = {
+    "Optimizer": "toylib.optim",
+    "OptState": "toylib.optim",
+    "load": "toylib.checkpoint",
+    "load_bytes": "toylib.checkpoint",
+    "save": "toylib.checkpoint",
+    "save_bytes": "toylib.checkpoint",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later reads are plain attribute reads
+        return value
+    raise AttributeError(f"module 'toylib' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "All",

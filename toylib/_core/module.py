@@ -149,6 +149,12 @@ class Module:
     def __repr__(self) -> str:
         return _repr(self, 0, {}, ())
 
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        # treescope's protocol: toylib's handlers (and treescope) load on first use.
+        from toylib import _treescope
+
+        return _treescope.render_module(self, path, subtree_renderer)
+
 
 def blank(cls: type) -> Any:
     """A new ``cls`` with no attributes and no ``__init__`` call (for rebuilding)."""

@@ -26,7 +26,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import get_opaque_trace_state
+
+# jax.extend.core re-exports this function from jax._src.core; importing
+# jax.extend also imports Pallas (~0.1 s, a quarter of `import toylib`).
+from jax._src.core import get_opaque_trace_state
 from jax.tree_util import GetAttrKey
 
 from toylib._core.watchers import changed
@@ -234,6 +237,12 @@ class Variable:
         parts = [describe_value(self._value)]
         parts += [f"{k}={v!r}" for k, v in self._metadata.items()]
         return f"{type(self).__name__}({', '.join(parts)})"
+
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        # treescope's protocol: toylib's handlers (and treescope) load on first use.
+        from toylib import _treescope
+
+        return _treescope.render_variable(self, path, subtree_renderer)
 
 
 def _outside_trace(variable: Variable) -> str:

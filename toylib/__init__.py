@@ -34,6 +34,7 @@ from toylib.checkpoint import load, save
 from toylib.display import display
 from toylib.optim import Optimizer, OptState
 from toylib.summary import summary
+from toylib.tree import combine, filter, is_array, partition, tree_at, tree_equal
 from toylib.transforms import (
     Carry,
     StateAxes,
@@ -52,6 +53,12 @@ from toylib.transforms import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "combine",
+    "filter",
+    "is_array",
+    "partition",
+    "tree_at",
+    "tree_equal",
     "All",
     "Any",
     "BatchStat",

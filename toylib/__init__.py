@@ -5,7 +5,7 @@ typed Variables; ``split``/``merge``/``state``/``update``/``pop`` give a
 functional view that keeps shared references. See DESIGN.md and README.md.
 """
 
-from toylib import metrics, nn
+from toylib import errors, metrics, nn
 from toylib._core import filters
 from toylib._core.filters import All, Any, Not, PathContains
 from toylib._core.graph import (
@@ -32,9 +32,9 @@ from toylib._core.variables import (
 )
 from toylib.checkpoint import load, save
 from toylib.display import display
+from toylib.errors import RuntimeCheckError, branched_error_if, checkify, error_if
 from toylib.optim import Optimizer, OptState
 from toylib.summary import summary
-from toylib.tree import combine, filter, is_array, partition, tree_at, tree_equal
 from toylib.transforms import (
     Carry,
     StateAxes,
@@ -49,10 +49,16 @@ from toylib.transforms import (
     value_and_grad,
     vmap,
 )
+from toylib.tree import combine, filter, is_array, partition, tree_at, tree_equal
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "RuntimeCheckError",
+    "branched_error_if",
+    "checkify",
+    "error_if",
+    "errors",
     "combine",
     "filter",
     "is_array",

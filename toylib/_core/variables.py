@@ -236,12 +236,28 @@ class Variable:
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
+RAW_TRANSFORM = """\
+{where}: this {cls} is being set inside a raw jax transform that is tracing now
+(jax.jit, jax.experimental.checkify, jax.vmap...), but it was created outside
+it: either the function closed over it, or the Module holding it was passed to
+the raw transform, which cannot carry in-place updates (BatchNorm statistics,
+Rngs counters) back out. The update would be lost.
+Fix: use toylib's transform, which carries the change out, and pass the Module
+as an argument: tl.jit, tl.checkify (for jax.experimental.checkify), tl.vmap,
+tl.scan, tl.grad... e.g.
+
+    err, out = tl.checkify(step)(model, x)     # not checkify.checkify(step)
+"""
+
+
 def _outside_trace(variable: Variable) -> str:
     from toylib._core import calls  # calls.py builds on the graph walker, which needs us
 
     path = calls.find_path(variable)
     where = path if path is not None else f"a {describe_value(variable._value)}"
-    transform = calls.transform_name() or "the jax transform"
+    transform = calls.transform_name()
+    if transform is None:
+        return RAW_TRANSFORM.format(where=where, cls=type(variable).__name__)
     return OUTSIDE_TRACE.format(where=where, cls=type(variable).__name__, transform=transform)
 
 

@@ -34,6 +34,7 @@ from toylib.transforms.lifting import (
     flatten_result,
     interleave,
     is_graph_node,
+    reraise_check,
     unflatten_call,
     write_back,
 )
@@ -570,13 +571,17 @@ class Scanned(Transform):
         scanned = [i for i, axis in enumerate(axes) if not _is_carried(axis)]
         record: list[tuple[OutSpec, list]] = []
         body = functools.partial(self._body, flat, axes, carried, scanned, carry_arg, record)
-        final, stacked = jax.lax.scan(
-            body,
-            [flat.values[i] for i in carried],
-            # lax.scan scans the leading axis: bring each leaf's axis there.
-            [_move(flat.values[i], axes[i], 0) for i in scanned],
-            **self._scan_kwargs,
-        )
+        try:
+            final, stacked = jax.lax.scan(
+                body,
+                [flat.values[i] for i in carried],
+                # lax.scan scans the leading axis: bring each leaf's axis there.
+                [_move(flat.values[i], axes[i], 0) for i in scanned],
+                **self._scan_kwargs,
+            )
+        except jax.errors.JaxRuntimeError as error:  # a failed tl.error_if, run eagerly
+            reraise_check(error)
+            raise
         spec, where = record[-1]
         returned = [final[j] if axis is None else _move(stacked[j], 0, axis) for axis, j in where]
         args_tops, ys = write_back(spec, flat, returned, with_tops=True)

@@ -15,6 +15,7 @@ from toylib.transforms.lifting import (
     flatten_result,
     layout_of,
     named,
+    reraise_check,
     unflatten_call,
     write_back,
     write_values,
@@ -205,7 +206,11 @@ def fori_loop(
             raise ValueError(LOOP_STRUCTURE)
         return new_values
 
-    final = jax.lax.fori_loop(lower, upper, body, list(flat.values), unroll=unroll)
+    try:
+        final = jax.lax.fori_loop(lower, upper, body, list(flat.values), unroll=unroll)
+    except jax.errors.JaxRuntimeError as error:  # a failed tl.error_if, run eagerly
+        reraise_check(error)
+        raise
     (out,), _ = write_values(flat, final)
     return out
 

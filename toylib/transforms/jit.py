@@ -44,6 +44,7 @@ from toylib.transforms.lifting import (
     flatten_result,
     interleave,
     named,
+    reraise_check,
     unflatten_call,
     write_back,
 )
@@ -201,22 +202,26 @@ class Jitted(Transform):
         self._retraces: dict[Any, int] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        fast = self._fast
-        if fast is not None and fast.valid:
-            values = (*args, *kwargs.values()) if kwargs else args
-            if len(values) == fast.n and tuple(kwargs) == fast.kw:
-                for value, kind, ref in zip(values, fast.kinds, fast.refs, strict=True):
-                    if kind is _OBJ:
-                        if value is not ref():
+        try:  # free unless raised: a failed tl.error_if check comes out as its own error
+            fast = self._fast
+            if fast is not None and fast.valid:
+                values = (*args, *kwargs.values()) if kwargs else args
+                if len(values) == fast.n and tuple(kwargs) == fast.kw:
+                    for value, kind, ref in zip(values, fast.kinds, fast.refs, strict=True):
+                        if kind is _OBJ:
+                            if value is not ref():
+                                break
+                        elif kind is _ARR:
+                            if not isinstance(value, _ARRAYS):
+                                break
+                        elif value is not ref and (type(value) is not type(ref) or value != ref):
                             break
-                    elif kind is _ARR:
-                        if not isinstance(value, _ARRAYS):
-                            break
-                    elif value is not ref and (type(value) is not type(ref) or value != ref):
-                        break
-                else:
-                    return self._run_fast(fast, values, args, kwargs)
-        return self._call(args, kwargs)
+                    else:
+                        return self._run_fast(fast, values, args, kwargs)
+            return self._call(args, kwargs)
+        except jax.errors.JaxRuntimeError as error:
+            reraise_check(error)
+            raise
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
         """``jax.jit(...).lower``: the compiled program for these arguments (``.as_text()``)."""

@@ -39,21 +39,29 @@ from toylib.transforms import (
     Carry,
     StateAxes,
     cond,
+    custom_vjp,
     eval_shape,
     fori_loop,
     grad,
     jit,
+    jvp,
     remat,
     scan,
     switch,
     value_and_grad,
+    vjp,
     vmap,
+    while_loop,
 )
 from toylib.tree import combine, filter, is_array, partition, tree_at, tree_equal
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "custom_vjp",
+    "jvp",
+    "vjp",
+    "while_loop",
     "RuntimeCheckError",
     "branched_error_if",
     "checkify",

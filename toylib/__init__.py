@@ -20,7 +20,7 @@ from toylib._core.graph import (
     update,
 )
 from toylib._core.module import Module
-from toylib._core.rngs import Rngs, RngStream
+from toylib._core.rngs import Rngs, RngStream, split_rngs
 from toylib._core.state import State
 from toylib._core.variables import (
     BatchStat,
@@ -58,6 +58,7 @@ from toylib.tree import combine, filter, is_array, partition, tree_at, tree_equa
 __version__ = "0.1.0"
 
 __all__ = [
+    "split_rngs",
     "custom_vjp",
     "jvp",
     "vjp",

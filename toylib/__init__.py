@@ -7,6 +7,7 @@ functional view that keeps shared references. See DESIGN.md and README.md.
 
 from toylib import errors, metrics, nn
 from toylib._core import filters
+from toylib._core.calls import call_path, forward_hook
 from toylib._core.filters import All, Any, Not, PathContains
 from toylib._core.graph import (
     GraphDef,
@@ -58,6 +59,8 @@ from toylib.tree import combine, filter, is_array, partition, tree_at, tree_equa
 __version__ = "0.1.0"
 
 __all__ = [
+    "call_path",
+    "forward_hook",
     "split_rngs",
     "custom_vjp",
     "jvp",

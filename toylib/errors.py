@@ -56,7 +56,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import checkify as jax_checkify
 
 from toylib._core import calls
 from toylib._core.variables import unwrap
@@ -121,7 +120,7 @@ class RuntimeCheckError(RuntimeError):
     """
 
     def __init__(self, message: str, where: str = "") -> None:
-        super().__init__(message + (f"\n  (tl.error_if in {where})" if where else ""))
+        super().__init__(message + (f"\n  ({where})" if where else ""))
         self.message, self.where = message, where
 
 
@@ -193,6 +192,7 @@ def error_if(x: Any, pred: Any, msg: str) -> Any:
         >>> tl.error_if(jnp.ones(2), jnp.array([False, True]), "second is bad")
         Traceback (most recent call last):
         toylib.errors.RuntimeCheckError: second is bad
+        ...
     """
     return branched_error_if(x, pred, 0, (msg,), _caller="tl.error_if")
 
@@ -217,6 +217,7 @@ def branched_error_if(
         >>> tl.branched_error_if(x, x > 1, jnp.where(x > 3, 1, 0), ("large", "huge"))
         Traceback (most recent call last):
         toylib.errors.RuntimeCheckError: huge
+        ...
     """
     if isinstance(msgs, str) or not msgs or not all(isinstance(m, str) for m in msgs):
         raise TypeError(BAD_MESSAGES.format(got=repr(msgs)[:80]))
@@ -227,6 +228,8 @@ def branched_error_if(
     if mode == "nothing":
         return x
     if _functional.get() and (calls.transform_name() or "").startswith("tl.checkify("):
+        from jax.experimental import checkify as jax_checkify
+
         for i, msg in enumerate(msgs):
             jax_checkify.check(~jnp.any(pred & (index == i)), msg)
         return x
@@ -256,17 +259,17 @@ def _boolean(pred: Any, caller: str, where: str) -> jax.Array:
     dtype = getattr(pred, "dtype", None)
     if dtype is None or dtype != jnp.bool_:
         got = f"{dtype} array" if dtype is not None else f"a {type(pred).__name__}"
-        at = f" (in {where})" if where else ""
+        at = f" ({where})" if where else ""
         raise TypeError(NOT_BOOLEAN.format(caller=caller, where=at, got=got))
     return jnp.asarray(pred)
 
 
 def _where() -> str:
-    """``model.layers[1] (BatchNorm), inside tl.jit(step)``: known at trace time."""
+    """``in model.layers[1] (BatchNorm), inside tl.jit(step)``: known at trace time."""
     parts = []
     running = calls.running()
     if running:
-        parts.append(calls.module_path(running[-1]))
+        parts.append(f"in {calls.module_path(running[-1])}")
     name = calls.transform_name()
     if name:
         parts.append(f"inside {name}")
@@ -285,7 +288,8 @@ class _Reporter:
             return
         i = int(index[pred].flat[0]) if pred.ndim else int(index)
         msg = self.msgs[min(max(i, 0), len(self.msgs) - 1)]
-        raise _Failure(f"{_START}{msg}{_IN}{self.where}{_END}")
+        where = f"tl.error_if {self.where}".strip()
+        raise _Failure(f"{_START}{msg}{_IN}{where}{_END}")
 
 
 def reraise(error: BaseException) -> None:
@@ -340,6 +344,8 @@ def checkify(fn: Callable | None = None, *, errors: Any = None) -> Any:
     """
     if fn is None:
         return lambda f: checkify(f, errors=errors)
+    from jax.experimental import checkify as jax_checkify  # only when used: it costs an import
+
     return Checkified(fn, jax_checkify.user_checks if errors is None else errors)
 
 
@@ -365,6 +371,8 @@ class Checkified(Transform):
             )
             specs.append(spec)
             return returned
+
+        from jax.experimental import checkify as jax_checkify
 
         checked = jax_checkify.checkify(named(pure, self._fn), errors=self._errors)
         err, returned = checked(list(flat.values))

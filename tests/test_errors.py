@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -212,3 +213,15 @@ def test_error_if_in_a_training_step_with_an_optimizer():
     with pytest.raises(tl.RuntimeCheckError, match="not finite"):
         train(model, opt, jnp.full((3, 2), jnp.nan))
     assert_unchanged((model, opt), before)
+
+
+def test_raw_checkify_around_tl_jit_never_leaves_tracers_in_the_model():
+    model = Checked()
+    step = tl.jit(lambda m, x: m(x, jnp.asarray(1e6)).sum())
+    for _ in range(2):  # the general path, then the fast path
+        before = snapshot(model)
+        with pytest.raises(RuntimeError, match="tl.checkify"):
+            checkify.checkify(step)(model, jnp.ones((4, 2)))
+        assert_unchanged(model, before)
+        step(model, jnp.ones((4, 2)))  # records the fast path for the next round
+    assert not isinstance(model.norm.mean.value, jax.core.Tracer)

@@ -109,7 +109,6 @@ _FOUND = re.compile(re.escape(_START) + "(.*?)" + re.escape(_END), re.DOTALL)
 _EQUINOX = re.compile(r"_EquinoxRuntimeError: (.*?)(?:\n\n\n-{20}|\Z)", re.DOTALL)
 
 _mode: ContextVar[str | None] = ContextVar("toylib_on_error", default=None)
-_functional: ContextVar[bool] = ContextVar("toylib_checkify", default=False)
 
 
 class RuntimeCheckError(RuntimeError):
@@ -227,7 +226,7 @@ def branched_error_if(
     mode = current_mode()
     if mode == "nothing":
         return x
-    if _functional.get() and (calls.transform_name() or "").startswith("tl.checkify("):
+    if (calls.transform_name() or "").startswith("tl.checkify("):  # directly under it
         from jax.experimental import checkify as jax_checkify
 
         for i, msg in enumerate(msgs):
@@ -364,8 +363,7 @@ class Checkified(Transform):
 
         def pure(values: list) -> list:
             inner_args, inner_kwargs, tops, inside = unflatten_call(flat.layout, flat.paths, values)
-            with _set(_functional, True):
-                out = call_inside(self.label, self._fn, inner_args, inner_kwargs)
+            out = call_inside(self.label, self._fn, inner_args, inner_kwargs)
             spec, returned, _ = flatten_result(
                 flat.layout, flat.position, tops, out, inside, values
             )

@@ -63,8 +63,9 @@ def test_error_if_passes_and_fails_eagerly_and_under_each_transform():
         tl.jit(tl.vmap(check))(x)
     with pytest.raises(tl.RuntimeCheckError, match="over"):
         tl.grad(lambda v: check(v).sum())(x)
+    # Compiled, the check runs when its value is used: value_and_grad returns the loss.
     with pytest.raises(tl.RuntimeCheckError, match="over"):
-        tl.jit(tl.grad(lambda v: check(v).sum()))(x)
+        tl.jit(tl.value_and_grad(lambda v: check(v).sum()))(x)
     assert tl.grad(lambda v: (check(v) ** 2).sum())(jnp.ones(2)).tolist() == [2.0, 2.0]
 
     counter = tl.Variable(jnp.array(0.0))
@@ -83,14 +84,20 @@ def test_error_if_passes_and_fails_eagerly_and_under_each_transform():
         tl.fori_loop(0, 3, lambda i, c: check(c + 1.0), jnp.asarray(0.0))
 
 
-def test_error_if_unused_output_still_checks():
+def test_error_if_on_pytrees_and_values_without_arrays():
+    f = tl.jit(lambda t: tl.error_if(t, t["a"] < 0, "negative"))
+    tree = {"a": jnp.ones(2), "n": jnp.arange(2), "flag": jnp.array([True, False])}
+    out = f(tree)
+    assert out["n"].dtype == jnp.int32 and out["flag"].tolist() == [True, False]
+    with pytest.raises(tl.RuntimeCheckError, match="negative"):
+        f({**tree, "a": -jnp.ones(2)})
+
     @tl.jit
-    def f(x):
-        tl.error_if(x, x < 0, "negative")  # result ignored: the check is an effect
-        return x * 2
+    def keys_only(key, x):
+        return tl.error_if(key, x < 0, "negative"), x  # no number to tie to: an effect
 
     with pytest.raises(tl.RuntimeCheckError, match="negative"):
-        f(-jnp.ones(2))
+        keys_only(jax.random.key(0), -jnp.ones(()))
 
 
 def test_branched_error_if_picks_the_message():

@@ -3,11 +3,12 @@
 ``tl.error_if(x, pred, msg)`` returns ``x`` and raises ``tl.RuntimeCheckError``
 carrying ``msg`` when ``pred`` holds anywhere, eagerly or inside ``tl.jit``,
 ``tl.vmap``, ``tl.scan``, ``tl.grad`` and the control-flow transforms, on CPU
-and on accelerators. The check is a ``jax.debug.callback`` in the taken
-branch of a ``lax.cond`` on ``any(pred)``: an effect, so XLA never removes it
-even if ``x`` is unused, and in the happy path no callback runs (under
-``tl.vmap`` the predicate is batched, so the callback runs for every example
-and looks at its own predicate).
+and on accelerators. The check is a host callback in the taken branch of a
+``lax.cond`` on ``any(pred)``, tied to the returned ``x`` by a data
+dependence: **use the value error_if returns** (as with ``eqx.error_if``), or
+XLA may drop the check with the unused value. In the happy path no callback
+runs and ``tl.jit`` keeps its fast dispatch; under ``tl.vmap`` the predicate
+is batched, so the callback runs on every call (once for the whole batch).
 
 What a failed step leaves (the async dispatch rule): the error is raised
 when the computation runs. On CPU that is during the call, so ``tl.jit``
@@ -135,7 +136,8 @@ class _DropDuplicateLog(logging.Filter):
         return not (info and isinstance(info[1], _Failure))
 
 
-logging.getLogger("jax._src.debugging").addFilter(_DropDuplicateLog())
+for _logger in ("jax._src.debugging", "jax._src.callback"):
+    logging.getLogger(_logger).addFilter(_DropDuplicateLog())
 
 
 def current_mode() -> str:
@@ -235,13 +237,55 @@ def branched_error_if(
     flag = jnp.any(pred)
     if mode == "nan":
         return jax.tree.map(lambda leaf: _nan_where(flag, leaf), x)
-    report = _Reporter(tuple(msgs), where)
+    report = _Reporter(tuple(msgs), where, pred.ndim)
     try:
-        jax.lax.cond(flag, lambda: jax.debug.callback(report, pred, index), lambda: None)
-    except (jax.errors.JaxRuntimeError, _Failure) as error:  # eager (also tl.grad, tl.vmap)
+        return _checked(x, flag, pred, index, report)
+    except Exception as error:  # eager (also tl.grad, tl.vmap): jax wraps the failure
         reraise(error)
         raise
-    return x
+
+
+def _checked(x: Any, flag: Any, pred: Any, index: Any, report: _Reporter) -> Any:
+    """``x``, tied to a host callback that runs (and raises) when ``flag`` is true.
+
+    The callback sits in the taken branch of a ``lax.cond`` and returns a zero
+    that is added to ``x``'s leaves there: a data dependence, so the check
+    runs whenever the returned ``x`` is used, and a pure one, so ``jax.jit``
+    keeps its fast C++ dispatch (an effect such as ``jax.debug.callback``
+    would cost a slow Python dispatch on every call). If nothing of ``x`` can
+    carry the dependence (no numeric array), the check is an effect instead.
+    """
+    leaves, treedef = jax.tree.flatten(x)
+    tied = [i for i, leaf in enumerate(leaves) if _tieable(leaf)]
+    if not tied:
+        jax.lax.cond(flag, lambda: jax.debug.callback(report, pred, index), lambda: None)
+        return x
+    token = jax.ShapeDtypeStruct((), jnp.float32)
+
+    def failing(values: list) -> list:
+        zero = jax.pure_callback(report, token, pred, index, vmap_method="broadcast_all")
+        return [_add(v, zero) for v in values]
+
+    values = jax.lax.cond(flag, failing, lambda v: v, [jnp.asarray(leaves[i]) for i in tied])
+    for i, value in zip(tied, values, strict=True):
+        leaves[i] = value
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _tieable(leaf: Any) -> bool:
+    """A leaf that can carry the check's data dependence: a number or numeric array."""
+    if isinstance(leaf, bool | int | float | complex):
+        return True
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and (
+        jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_)
+    )
+
+
+def _add(value: Any, zero: Any) -> Any:
+    if value.dtype == jnp.bool_:
+        return value | zero.astype(jnp.bool_)
+    return value + zero.astype(value.dtype)
 
 
 def _nan_where(flag: Any, leaf: Any) -> Any:
@@ -278,13 +322,13 @@ def _where() -> str:
 class _Reporter:
     """The host callback: raises for the examples whose predicate holds."""
 
-    def __init__(self, msgs: tuple[str, ...], where: str) -> None:
-        self.msgs, self.where = msgs, where
+    def __init__(self, msgs: tuple[str, ...], where: str, ndim: int) -> None:
+        self.msgs, self.where, self.ndim = msgs, where, ndim
 
-    def __call__(self, pred: Any, index: Any) -> None:
+    def __call__(self, pred: Any, index: Any) -> np.ndarray:
         pred, index = np.asarray(pred), np.asarray(index)
-        if not pred.any():
-            return
+        if not pred.any():  # one zero per vmapped example (the leading batch axes)
+            return np.zeros(pred.shape[: pred.ndim - self.ndim], np.float32)
         i = int(index[pred].flat[0]) if pred.ndim else int(index)
         msg = self.msgs[min(max(i, 0), len(self.msgs) - 1)]
         where = f"tl.error_if {self.where}".strip()

@@ -614,7 +614,7 @@ class Scanned(Transform):
                 [_move(flat.values[i], axes[i], 0) for i in scanned],
                 **self._scan_kwargs,
             )
-        except jax.errors.JaxRuntimeError as error:  # a failed tl.error_if, run eagerly
+        except Exception as error:  # a failed tl.error_if, run eagerly
             reraise_check(error)
             raise
         spec, where = record[-1]

@@ -142,7 +142,7 @@ def switch(index: Any, branches: Sequence[Callable], *operands: Any) -> Any:
     except TypeError:  # jax compares the branches first: say what differs in toylib terms
         _check_same(record[-len(branches) :], "tl.switch")
         raise
-    except jax.errors.JaxRuntimeError as error:  # a failed tl.error_if, run eagerly
+    except Exception as error:  # a failed tl.error_if, run eagerly
         reraise_check(error)
         raise
     _check_same(record[-len(branches) :], "tl.switch")
@@ -172,7 +172,7 @@ def cond(pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> An
     except TypeError:  # jax compares the branches first: say what differs in toylib terms
         _check_same(record[-2:], "tl.cond")
         raise
-    except jax.errors.JaxRuntimeError as error:  # a failed tl.error_if, run eagerly
+    except Exception as error:  # a failed tl.error_if, run eagerly
         reraise_check(error)
         raise
     _check_same(record[-2:], "tl.cond")
@@ -216,7 +216,7 @@ def fori_loop(
 
     try:
         final = jax.lax.fori_loop(lower, upper, body, list(flat.values), unroll=unroll)
-    except jax.errors.JaxRuntimeError as error:  # a failed tl.error_if, run eagerly
+    except Exception as error:  # a failed tl.error_if, run eagerly
         reraise_check(error)
         raise
     (out,), _ = write_values(flat, final)
@@ -288,7 +288,7 @@ def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
 
     try:
         final = jax.lax.while_loop(cond, body, list(flat.values))
-    except jax.errors.JaxRuntimeError as error:  # a failed tl.error_if, run eagerly
+    except Exception as error:  # a failed tl.error_if, run eagerly
         reraise_check(error)
         raise
     (out,), _ = write_values(flat, final)

@@ -223,7 +223,7 @@ class Jitted(Transform):
                     else:
                         return self._run_fast(fast, values, args, kwargs)
             return self._call(args, kwargs)
-        except jax.errors.JaxRuntimeError as error:
+        except Exception as error:
             reraise_check(error)
             raise
 

@@ -12,8 +12,9 @@ imports none of the four (benchmarks/import_time.py times it).
 
 import importlib as _importlib
 
-from toylib import metrics, nn
+from toylib import errors, metrics, nn
 from toylib._core import filters
+from toylib._core.calls import call_path, forward_hook
 from toylib._core.filters import All, Any, Not, PathContains
 from toylib._core.graph import (
     GraphDef,
@@ -27,7 +28,7 @@ from toylib._core.graph import (
     update,
 )
 from toylib._core.module import Module
-from toylib._core.rngs import Rngs, RngStream
+from toylib._core.rngs import Rngs, RngStream, split_rngs
 from toylib._core.state import State
 from toylib._core.variables import (
     BatchStat,
@@ -38,21 +39,27 @@ from toylib._core.variables import (
     Variable,
 )
 from toylib.display import display
+from toylib.errors import RuntimeCheckError, branched_error_if, checkify, error_if
 from toylib.summary import summary
 from toylib.transforms import (
     Carry,
     StateAxes,
     cond,
+    custom_vjp,
     eval_shape,
     fori_loop,
     grad,
     jit,
+    jvp,
     remat,
     scan,
     switch,
     value_and_grad,
+    vjp,
     vmap,
+    while_loop,
 )
+from toylib.tree import combine, filter, is_array, partition, tree_at, tree_equal
 
 __version__ = "0.1.0"
 
@@ -81,6 +88,24 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "call_path",
+    "forward_hook",
+    "split_rngs",
+    "custom_vjp",
+    "jvp",
+    "vjp",
+    "while_loop",
+    "RuntimeCheckError",
+    "branched_error_if",
+    "checkify",
+    "error_if",
+    "errors",
+    "combine",
+    "filter",
+    "is_array",
+    "partition",
+    "tree_at",
+    "tree_equal",
     "All",
     "Any",
     "BatchStat",

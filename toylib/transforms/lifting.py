@@ -105,6 +105,13 @@ class Transform:
         return f"<{self.label}>"
 
 
+def reraise_check(error: BaseException) -> None:
+    """Raise ``tl.RuntimeCheckError`` if a jax runtime error carries a failed ``tl.error_if``."""
+    from toylib.errors import reraise  # here: toylib.errors builds on the transforms
+
+    reraise(error)
+
+
 def call_inside(label: str, fn: Callable, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
     """Run the user's function inside a transform, known by ``label`` to error messages."""
     with calls.transform(label):

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -200,8 +201,14 @@ def make_model(config: Config) -> GPT:
     time; under ``tl.jit`` the whole construction is traced once and compiled
     as one program. The values are the same.
     """
-    seed = config.seed
-    return tl.jit(lambda: GPT(config, rngs=tl.Rngs(params=seed, dropout=seed + 1)))()
+    return _build(config)
+
+
+@tl.jit
+def _build(config: Config) -> GPT:
+    # One tl.jit for every call: the config (frozen, hashable) is static, so a
+    # second model of the same config reuses the compiled constructor.
+    return GPT(config, rngs=tl.Rngs(params=config.seed, dropout=config.seed + 1))
 
 
 def _decay_mask(params: Any) -> Any:
@@ -215,14 +222,24 @@ def _decay_mask(params: Any) -> Any:
 
 def make_optimizer(model: GPT, config: Config) -> tl.Optimizer:
     """AdamW with linear warmup, cosine decay to 10% over ``config.steps``, clipping at 1."""
+    return tl.Optimizer(model, make_tx(config))
+
+
+@functools.cache
+def make_tx(config: Config) -> optax.GradientTransformation:
+    """The optax transformation, one per config.
+
+    Cached because the transformation is a static part of the optimizer (its
+    functions key ``tl.jit``'s cache): a new one per run (a resumed run, a
+    test) would compile the train step again.
+    """
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, config.lr, config.warmup, max(config.steps, config.warmup + 1), config.lr * 0.1
     )
-    tx = optax.chain(
+    return optax.chain(
         optax.clip_by_global_norm(config.clip),
         optax.adamw(schedule, b2=0.95, weight_decay=config.weight_decay, mask=_decay_mask),
     )
-    return tl.Optimizer(model, tx)
 
 
 def loss_fn(model: GPT, x: Int[Array, "b t"], y: Int[Array, "b t"]) -> Float[Array, ""]:
@@ -411,12 +428,16 @@ def run(
     *,
     out: str | os.PathLike = "out/gpt",
     resume: bool = False,
+    stop_at: int | None = None,
     preset: str = "tiny",
     log_every: int = 50,
     sample_tokens: int = 48,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) ``config``, evaluate, save, plot and sample; print as the CLI does.
+
+    ``stop_at`` ends training after that step of the ``config.steps``-step
+    schedule (an interrupted run, to be resumed later).
 
     Returns:
         ``{"model", "optimizer", "history", "val_loss", "sample", "seconds"}``.
@@ -435,8 +456,8 @@ def run(
             raise ValueError(
                 NOTHING_TO_RESUME.format(out=out, done=done, steps=config.steps, more=2 * done)
             )
-    history["train"] += train(model, optimizer, train_data, config, log_every=log_every,
-                              console=console)  # fmt: skip
+    history["train"] += train(model, optimizer, train_data, config, until=stop_at,
+                              log_every=log_every, console=console)  # fmt: skip
     val_loss = evaluate(model, val_data, config)
     history["val"].append([int(optimizer.step.value), val_loss])
     print(f"val loss: {val_loss:.4f}")
@@ -465,14 +486,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, help="total optimizer steps (the schedule length)")
     parser.add_argument("--out", default="out/gpt")
     parser.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    parser.add_argument("--stop-at", type=int, help="stop after this step (resume later)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--log-every", type=int, default=50)
     args = parser.parse_args(argv)
     config = PRESETS[args.preset]
     changes = {"steps": args.steps, "seed": args.seed}
     config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
-    return run(config, out=args.out, resume=args.resume, preset=args.preset,
-               log_every=args.log_every)  # fmt: skip
+    return run(config, out=args.out, resume=args.resume, stop_at=args.stop_at,
+               preset=args.preset, log_every=args.log_every)  # fmt: skip
 
 
 if __name__ == "__main__":

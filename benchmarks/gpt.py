@@ -19,7 +19,8 @@ Variants:
 
 Measured, per variant: the median over interleaved rounds of ms/step and
 tokens/s, the ratio to raw (unrolled for the unrolled variants, scan for the
-scanned ones); the first call minus a step (trace + compile); the compiled
+scanned ones); the first call minus a step (trace + compile; median over
+``--compile-rounds`` new step functions, interleaved); the compiled
 step's peak memory (``memory_analysis``: arguments + outputs + temporaries -
 aliased) and XLA's ``cost_analysis`` FLOPs and bytes accessed. Then
 generation with toylib: tokens/s with the KV cache (prefill, then one
@@ -509,10 +510,7 @@ VARIANTS: list[tuple[str, str, Callable[[Size, dict], Variant]]] = [
 
 
 def analyse(variant: Variant, x: jax.Array, y: jax.Array) -> dict[str, float]:
-    lowered = variant.lower(x, y)
-    start = time.perf_counter()
-    compiled = lowered.compile()  # XLA only: a fresh compile of the traced step
-    seconds = time.perf_counter() - start
+    compiled = variant.lower(x, y).compile()
     compiled = getattr(compiled, "compiled", compiled)  # Equinox wraps jax's Compiled
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -523,7 +521,7 @@ def analyse(variant: Variant, x: jax.Array, y: jax.Array) -> dict[str, float]:
         + memory.temp_size_in_bytes
         - memory.alias_size_in_bytes
     )
-    return {"flops": cost.get("flops", float("nan")), "xla": seconds,
+    return {"flops": cost.get("flops", float("nan")),
             "bytes": cost.get("bytes accessed", float("nan")), "peak": peak}  # fmt: skip
 
 
@@ -544,12 +542,15 @@ def measure(
         first_losses[name] = float(variant.run(x0, y0))  # trace + compile + one step
         first = time.perf_counter() - start
         runners[name] = variant
-        results[name] = {"baseline": baseline, "first": first, "times": [], "xla": []}
-    for _ in range(compile_rounds):  # interleaved too: XLA compile times are noisy
-        for name, variant in runners.items():
-            figures = analyse(variant, x0, y0)
-            results[name]["xla"].append(figures.pop("xla"))
-            results[name].update(figures)
+        results[name] = {"baseline": baseline, "first": [first], "times": [],
+                         **analyse(variant, x0, y0)}  # fmt: skip
+    for _ in range(compile_rounds - 1):  # more first calls, interleaved: compile time is noisy
+        for name, _, factory in VARIANTS:
+            if name in runners:
+                variant = factory(size, ref)  # a new step function: traced and compiled anew
+                start = time.perf_counter()
+                jax.block_until_ready(variant.run(x0, y0))
+                results[name]["first"].append(time.perf_counter() - start)
     want = first_losses["raw unrolled"]
     for name, loss in first_losses.items():
         assert abs(loss - want) < 1e-3 * max(1.0, abs(want)), (name, loss, want)
@@ -562,8 +563,7 @@ def measure(
             results[name]["times"].append((time.perf_counter() - start) / len(data))
     for result in results.values():
         result["step"] = statistics.median(result["times"])
-        result["compile"] = result["first"] - result["step"]
-        result["xla"] = statistics.median(result["xla"])
+        result["compile"] = statistics.median(result["first"]) - result["step"]
     return results
 
 
@@ -619,16 +619,15 @@ def report(size: Size, results: dict[str, dict]) -> None:
     tokens = size.batch * size.ctx
     print(f"\n### {size.name}: d={size.d}, {size.layers} layers, {size.heads} heads, "
           f"ctx {size.ctx}, batch {size.batch}\n")  # fmt: skip
-    print("| variant | ms/step | tokens/s | vs raw | baseline | first call s | vs raw "
-          "| XLA compile s | vs raw | peak MB | GFLOP | MB accessed |")  # fmt: skip
-    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| variant | ms/step | tokens/s | vs raw | baseline | compile s | vs raw "
+          "| peak MB | GFLOP | MB accessed |")  # fmt: skip
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         base = results[r["baseline"]]
         print(
             f"| {name} | {1e3 * r['step']:.2f} | {tokens / r['step']:,.0f} | "
             f"{r['step'] / base['step']:.2f} | {r['baseline']} | {r['compile']:.2f} | "
-            f"{r['compile'] / base['compile']:.2f} | {r['xla']:.2f} | "
-            f"{r['xla'] / base['xla']:.2f} | {r['peak'] / 1e6:.1f} | "
+            f"{r['compile'] / base['compile']:.2f} | {r['peak'] / 1e6:.1f} | "
             f"{r['flops'] / 1e9:.2f} | {r['bytes'] / 1e6:.1f} |"
         )
 

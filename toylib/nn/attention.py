@@ -272,12 +272,6 @@ def dot_product_attention(
         (2, 4, 3, 8)
     """
     query, key, value = promote_dtype(query, key, value, dtype=dtype)
-    if (
-        bias is None
-        and dropout_rate == 0.0
-        and (query.ndim >= 3 and value.shape[-1] == query.shape[-1] == key.shape[-1])
-    ):
-        return _fused_attention(query, key, value, mask)
     weights = dot_product_attention_weights(query, key, mask, bias=bias)
     if dropout_rate >= 1.0:
         weights = jnp.zeros_like(weights)
@@ -308,38 +302,6 @@ def _checked_mask(mask: Any, weights_shape: tuple[int, ...]) -> Array:
     if not fits:
         raise ValueError(BAD_MASK.format(mask=mask.shape, weights=weights_shape))
     return mask.astype(jnp.bool_)
-
-
-def _fused_attention(query: Array, key: Array, value: Array, mask: Any) -> Array:
-    """``jax.nn.dot_product_attention`` on toylib's shapes: any number of batch axes.
-
-    Without dropout or bias, attention is jax's own function: the same
-    mathematics (scaled logits, masked with a large negative number so a
-    fully masked row attends uniformly, softmax in at least float32) in the
-    form XLA compiles best. On XLA:CPU the GPT train step of
-    benchmarks/gpt.py runs measurably faster with it than with the einsum
-    form below, which stays for dropout, a bias and a value head size of its
-    own. jax's function takes exactly one batch axis: the others are
-    flattened into it and back.
-    """
-    *batch, q_len, heads, _ = query.shape
-    weights_shape = (*batch, heads, q_len, key.shape[-3])
-    flat = math.prod(batch)
-    if mask is not None:
-        mask = _checked_mask(mask, weights_shape)
-        mask = mask.reshape((1,) * (len(weights_shape) - mask.ndim) + mask.shape)
-        lead, tail = mask.shape[: len(batch)], mask.shape[len(batch) :]
-        if all(n == 1 for n in lead):
-            mask = mask.reshape(1, *tail)
-        else:
-            mask = jnp.broadcast_to(mask, (*batch, *tail)).reshape(flat, *tail)
-    out = jax.nn.dot_product_attention(
-        query.reshape(flat, *query.shape[-3:]),
-        key.reshape(flat, *key.shape[-3:]),
-        value.reshape(flat, *value.shape[-3:]),
-        mask=mask,
-    )
-    return out.reshape(*batch, *out.shape[-3:])
 
 
 # -- projections --------------------------------------------------------------------------

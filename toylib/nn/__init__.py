@@ -38,6 +38,7 @@ from toylib.nn.attention import (
 )
 from toylib.nn.containers import MLP, Sequential, Stack
 from toylib.nn.conv import Conv, ConvTranspose
+from toylib.nn.decoding import init_cache, set_decode
 from toylib.nn.dropout import Dropout
 from toylib.nn.linear import Embed, Identity, Linear
 from toylib.nn.normalization import BatchNorm, GroupNorm, LayerNorm, RMSNorm
@@ -72,6 +73,7 @@ __all__ = [
     "gelu",
     "glu",
     "hard_tanh",
+    "init_cache",
     "initializers",
     "leaky_relu",
     "log_sigmoid",
@@ -84,6 +86,7 @@ __all__ = [
     "relu",
     "relu6",
     "selu",
+    "set_decode",
     "sigmoid",
     "silu",
     "soft_sign",

@@ -50,7 +50,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -160,16 +160,7 @@ def on_error(mode: str) -> contextlib.AbstractContextManager[None]:
     """
     if mode not in _MODES:
         raise ValueError(BAD_MODE.format(where="tl.errors.on_error", modes=_MODES, mode=mode))
-    return _set(_mode, mode)
-
-
-@contextlib.contextmanager
-def _set(var: ContextVar, value: Any) -> Iterator[None]:
-    token = var.set(value)
-    try:
-        yield
-    finally:
-        var.reset(token)
+    return calls.scoped(_mode, mode)
 
 
 def error_if(x: Any, pred: Any, msg: str) -> Any:

@@ -77,7 +77,7 @@ def running() -> list[Any]:
 
 
 @contextlib.contextmanager
-def _set(var: ContextVar, value: Any) -> Iterator[None]:
+def scoped(var: ContextVar, value: Any) -> Iterator[None]:
     """Within the block, ``var`` is ``value``; the previous value comes back after."""
     token = var.set(value)
     try:
@@ -88,7 +88,7 @@ def _set(var: ContextVar, value: Any) -> Iterator[None]:
 
 def labelled(module: Any, label: str) -> contextlib.AbstractContextManager[None]:
     """Within the block, ``module_path`` shows ``module`` as ``label`` (e.g. ``.blocks[*]``)."""
-    return _set(_labels, {**(_labels.get() or {}), id(module): label})
+    return scoped(_labels, {**(_labels.get() or {}), id(module): label})
 
 
 def intercept_calls(wrapper: Callable) -> contextlib.AbstractContextManager[None]:
@@ -99,7 +99,7 @@ def intercept_calls(wrapper: Callable) -> contextlib.AbstractContextManager[None
     ``__call__`` reaches the wrapper again with the same module. Only calls
     made in this thread are intercepted.
     """
-    return _set(_interceptors, (*_interceptors.get(), wrapper))
+    return scoped(_interceptors, (*_interceptors.get(), wrapper))
 
 
 def forward_hook(
@@ -170,7 +170,7 @@ def _call_outer(wrapper: Callable, call: Callable, module: Any, args: tuple, kwa
 
 def transform(name: str) -> contextlib.AbstractContextManager[None]:
     """Within the block, ``transform_name()`` is ``name`` (e.g. ``tl.jit(step)``)."""
-    return _set(_transforms, (name, _transforms.get()))
+    return scoped(_transforms, (name, _transforms.get()))
 
 
 def transform_name() -> str | None:

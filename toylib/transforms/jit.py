@@ -29,7 +29,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.extend.core import get_opaque_trace_state
+from jax._src.core import get_opaque_trace_state  # not jax.extend's: see variables.py
 
 from toylib._core.graph import watch_graph
 from toylib._core.skeleton import Seq, Static, is_graph_node, rebuild

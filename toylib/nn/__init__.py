@@ -39,12 +39,21 @@ from toylib.nn.attention import (
 from toylib.nn.containers import MLP, Sequential, Stack
 from toylib.nn.conv import Conv, ConvTranspose
 from toylib.nn.dropout import Dropout
+from toylib.nn.einsum import Einsum, LinearGeneral, MergeHeads, ProjectHeads
 from toylib.nn.linear import Embed, Identity, Linear
+from toylib.nn.lora import LoRA, LoRALinear, LoRAParam
 from toylib.nn.normalization import BatchNorm, GroupNorm, LayerNorm, RMSNorm
 from toylib.nn.pooling import AvgPool, MaxPool, avg_pool, max_pool
 from toylib.nn.recurrent import RNN, GRUCell, LSTMCell
 
 __all__ = [
+    "Einsum",
+    "LinearGeneral",
+    "LoRA",
+    "LoRALinear",
+    "LoRAParam",
+    "MergeHeads",
+    "ProjectHeads",
     "MLP",
     "RNN",
     "AvgPool",

@@ -50,7 +50,7 @@ def test_einsum_kernel_bias_and_input_errors():
         ValueError, match=r"(?s)gives the kernel 2 axes .* kernel_shape=\(3,\) has 1"
     ):
         nn.Einsum("ab,bc->ac", (3,), rngs=0)
-    with pytest.raises(ValueError, match=r"bias_shape=\(5,\)"):
+    with pytest.raises(ValueError, match=r"Fix: bias_shape=\(4,\)"):
         nn.Einsum("ab,bc->ac", (3, 4), (3,), rngs=0)
     layer = nn.Einsum("ab,bc->ac", (3, 4), rngs=0)
     with pytest.raises(ValueError, match=r"model \(Einsum\).*axis 'b'.*size 3"):

@@ -53,7 +53,7 @@ def test_einsum_kernel_bias_and_input_errors():
     with pytest.raises(ValueError, match=r"Fix: bias_shape=\(4,\)"):
         nn.Einsum("ab,bc->ac", (3, 4), (3,), rngs=0)
     layer = nn.Einsum("ab,bc->ac", (3, 4), rngs=0)
-    with pytest.raises(ValueError, match=r"model \(Einsum\).*axis 'b'.*size 3"):
+    with pytest.raises(ValueError, match=r"(?s)model \(Einsum\).*axis 'b'.*size 3"):
         layer(jnp.ones((2, 5)))
     with pytest.raises(ValueError, match="needs 2 axes"):
         layer(jnp.ones((2, 2, 3)))

@@ -29,6 +29,7 @@ from jax.nn import (
 )
 from jax.numpy import tanh
 
+from toylib.nn.activations import PReLU
 from toylib.nn.attention import (
     MultiHeadAttention,
     dot_product_attention,
@@ -42,11 +43,14 @@ from toylib.nn.dropout import Dropout
 from toylib.nn.einsum import Einsum, LinearGeneral, MergeHeads, ProjectHeads
 from toylib.nn.linear import Embed, Identity, Linear
 from toylib.nn.lora import LoRA, LoRALinear, LoRAParam
-from toylib.nn.normalization import BatchNorm, GroupNorm, LayerNorm, RMSNorm
+from toylib.nn.normalization import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from toylib.nn.pooling import AvgPool, MaxPool, avg_pool, max_pool
-from toylib.nn.recurrent import RNN, GRUCell, LSTMCell
+from toylib.nn.recurrent import RNN, GRUCell, LSTMCell, SimpleCell
 
 __all__ = [
+    "InstanceNorm",
+    "PReLU",
+    "SimpleCell",
     "Einsum",
     "LinearGeneral",
     "LoRA",

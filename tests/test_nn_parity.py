@@ -171,3 +171,180 @@ def test_lora_linear_matches_nnx(use_bias):
     copy_into(ref, ours, *names)
     x = rand(4, 6, 5)
     close(ours(x), ref(x))
+
+
+# -- PReLU and SimpleCell -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("slope", [0.01, -0.3, 1.7])
+def test_prelu_matches_nnx(slope):
+    ours, ref = nn.PReLU(slope), nnx.PReLU(slope)
+    x = rand(0, 3, 7)
+    close(ours(x), ref(x))
+    xb = jnp.asarray(x, jnp.bfloat16)  # both keep the input's dtype
+    assert ours(xb).dtype == ref(xb).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize(("din", "hidden"), [(3, 5), (6, 1)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_simple_cell_matches_nnx(din, hidden, residual):
+    ours = nn.SimpleCell(
+        din,
+        hidden,
+        residual=residual,
+        kernel_init=np_init(0),
+        recurrent_kernel_init=np_init(1),
+        bias_init=np_init(2),
+        rngs=0,
+    )
+    ref = nnx.SimpleCell(din, hidden, residual=residual, rngs=nnx.Rngs(0))
+    ref.dense_i.kernel[...] = ours.kernel.value
+    ref.dense_i.bias[...] = ours.bias.value
+    ref.dense_h.kernel[...] = ours.recurrent_kernel.value
+    h, x = rand(3, 4, hidden), rand(4, 4, din)
+    (h1, y1), (h2, y2) = ours(h, x), ref(h, x)
+    close(h1, h2)
+    close(y1, y2)
+    xs = rand(5, 2, 6, din)  # a sequence through nn.RNN and nnx.RNN
+    close(nn.RNN(ours)(xs), nnx.RNN(ref)(xs))
+
+
+# -- normalisation --------------------------------------------------------------------------------
+
+FAST = [False, True]
+
+
+def random_norm_params(ours, ref, seed=0):
+    for i, name in enumerate(("scale", "bias")):
+        if getattr(ours, name, None) is not None:
+            value = rand(seed + i, *getattr(ours, name).shape)
+            getattr(ours, name).value = jnp.asarray(value)
+            getattr(ref, name)[...] = jnp.asarray(value)
+
+
+@pytest.mark.parametrize(
+    ("shape", "feature_axes"),
+    [((2, 5, 3), -1), ((3, 4, 5, 6), -1), ((2, 3, 5, 4), (1, -1)), ((2, 7, 3), 1)],
+)
+@pytest.mark.parametrize("use_fast_variance", FAST)
+def test_instance_norm_matches_nnx(shape, feature_axes, use_fast_variance):
+    axes = feature_axes if isinstance(feature_axes, tuple) else (feature_axes,)
+    n = int(np.prod([shape[a] for a in axes]))
+    kwargs = {"feature_axes": feature_axes, "use_fast_variance": use_fast_variance}
+    ours = nn.InstanceNorm(n, **kwargs)
+    ref = nnx.InstanceNorm(n, rngs=nnx.Rngs(0), **kwargs)
+    random_norm_params(ours, ref)
+    x = rand(9, *shape) * 3 + 1
+    close(ours(x), ref(x))
+
+
+@pytest.mark.parametrize(("use_scale", "use_bias"), [(False, True), (True, False)])
+def test_instance_norm_without_scale_or_bias_matches_nnx(use_scale, use_bias):
+    kwargs = {"use_scale": use_scale, "use_bias": use_bias}
+    ours, ref = nn.InstanceNorm(4, **kwargs), nnx.InstanceNorm(4, rngs=nnx.Rngs(0), **kwargs)
+    random_norm_params(ours, ref)
+    x = rand(1, 3, 5, 4)
+    close(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("use_fast_variance", FAST)
+def test_layernorm_and_rmsnorm_fast_variance_match_nnx(use_fast_variance):
+    x = rand(0, 3, 5, 7) * 2 + 0.5
+    for make, ref_make in [(nn.LayerNorm, nnx.LayerNorm), (nn.RMSNorm, nnx.RMSNorm)]:
+        ours = make(7, use_fast_variance=use_fast_variance)
+        ref = ref_make(7, use_fast_variance=use_fast_variance, rngs=nnx.Rngs(0))
+        random_norm_params(ours, ref)
+        close(ours(x), ref(x))
+
+
+@pytest.mark.parametrize(
+    ("groups", "use_fast_variance"), [(1, True), (3, True), (6, True), (2, False)]
+)
+def test_groupnorm_fast_variance_matches_nnx(groups, use_fast_variance):
+    ours = nn.GroupNorm(6, num_groups=groups, use_fast_variance=use_fast_variance)
+    ref = nnx.GroupNorm(6, num_groups=groups, use_fast_variance=use_fast_variance, rngs=nnx.Rngs(0))
+    random_norm_params(ours, ref)
+    x = rand(0, 2, 3, 5, 6) - 1
+    close(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("use_fast_variance", FAST)
+def test_batchnorm_fast_variance_matches_nnx_train_then_eval(use_fast_variance):
+    ours = nn.BatchNorm(5, momentum=0.7, use_fast_variance=use_fast_variance)
+    ref = nnx.BatchNorm(5, momentum=0.7, use_fast_variance=use_fast_variance, rngs=nnx.Rngs(0))
+    random_norm_params(ours, ref)
+    for seed in range(2):
+        x = rand(seed, 4, 3, 5) * 2 + 3
+        close(ours(x), ref(x))
+    close(ours.mean.value, ref.mean[...])
+    close(ours.var.value, ref.var[...])
+    ours.eval()
+    ref.eval()
+    x = rand(7, 2, 5)
+    close(ours(x), ref(x))
+
+
+# -- masked convolutions --------------------------------------------------------------------------
+
+
+def conv_pair(make, ref_make, *args, mask=None, **kwargs):
+    ours = make(*args, mask=mask, kernel_init=np_init(0), bias_init=np_init(1), rngs=0, **kwargs)
+    ref = ref_make(*args, mask=mask, rngs=nnx.Rngs(0), **kwargs)
+    copy_into(ref, ours, "kernel", "bias")
+    return ours, ref
+
+
+def random_mask(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).random(shape) > 0.4, jnp.float32)
+
+
+@pytest.mark.parametrize(
+    ("kernel_size", "groups", "spatial", "kwargs"),
+    [
+        ((3,), 1, (7,), {}),
+        ((3, 3), 1, (5, 7), {"padding": "VALID"}),
+        ((2, 3), 2, (5, 6), {"strides": 2}),
+        ((3, 2), 4, (6, 5), {"kernel_dilation": 2, "padding": "CIRCULAR"}),
+        ((3,), 2, (9,), {"input_dilation": 2, "padding": ((1, 2),)}),
+    ],
+)
+def test_masked_conv_matches_nnx(kernel_size, groups, spatial, kwargs):
+    cin, cout = 4, 8
+    shape = (*kernel_size, cin // groups, cout)
+    ours, ref = conv_pair(
+        nn.Conv,
+        nnx.Conv,
+        cin,
+        cout,
+        kernel_size,
+        mask=random_mask(3, shape),
+        feature_group_count=groups,
+        **kwargs,
+    )
+    x = rand(2, 2, *spatial, cin)
+    close(ours(x), ref(x))
+
+
+def test_causal_mask_conv_matches_nnx_docstring_example():
+    # nnx.Conv's own example: a lower-triangular mask on a (3, 3, 4) kernel.
+    mask = jnp.tril(jnp.ones((3, 3, 4)))
+    ours, ref = conv_pair(nn.Conv, nnx.Conv, 3, 4, (3,), mask=mask, padding="VALID")
+    x = rand(0, 2, 8, 3)
+    close(ours(x), ref(x))
+
+
+@pytest.mark.parametrize(
+    ("kernel_size", "spatial", "kwargs"),
+    [
+        ((3,), (5,), {"strides": 2}),
+        ((3, 2), (4, 5), {"padding": "VALID"}),
+        ((2, 3), (3, 4), {"strides": (2, 1), "kernel_dilation": 2}),
+    ],
+)
+def test_masked_conv_transpose_matches_nnx(kernel_size, spatial, kwargs):
+    shape = (*kernel_size, 3, 5)
+    ours, ref = conv_pair(
+        nn.ConvTranspose, nnx.ConvTranspose, 3, 5, kernel_size, mask=random_mask(4, shape), **kwargs
+    )
+    x = rand(2, 2, *spatial, 3)
+    close(ours(x), ref(x))

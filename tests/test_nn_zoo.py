@@ -141,3 +141,112 @@ def test_lora_errors():
         nn.LoRA(3, 2, 4, rngs=0)(jnp.ones((2, 5)))
     with pytest.raises(TypeError, match="base_module is a int"):
         nn.LoRA(3, 2, 4, base_module=3, rngs=0)(jnp.ones((2, 3)))
+
+
+# -- PReLU, SimpleCell ----------------------------------------------------------------------------
+
+
+def test_prelu_learns_its_slope():
+    act = nn.PReLU(0.5)
+    x = jnp.array([-2.0, -1.0, 3.0])
+    grads = tl.grad(lambda m: m(x).sum())(act)
+    assert float(grads.negative_slope.value) == -3.0  # d/ds of s * (-2 - 1)
+    assert act(jnp.array([-2, 4])).dtype == jnp.float32  # ints become float
+    assert act.eval()(x).tolist() == [-1.0, -0.5, 3.0]
+
+
+def test_simple_cell_equation_carry_dtype_and_errors():
+    cell = nn.SimpleCell(3, 2, residual=True, bias_init=np_init(2), rngs=0)
+    h, x = rand(0, 4, 2), rand(1, 4, 3)
+    k, u, b = (np.asarray(v.value) for v in (cell.kernel, cell.recurrent_kernel, cell.bias))
+    new_h, y = cell(h, x)
+    np.testing.assert_allclose(np.asarray(y), np.tanh(x @ k + b + h @ u + h), rtol=1e-5, atol=1e-6)
+    assert new_h is not None and cell.initialize_carry((5, 3)).shape == (5, 2)
+    h16, _ = cell(jnp.zeros((4, 2), BF16), x)
+    assert h16.dtype == BF16
+    with pytest.raises(ValueError, match=r"model \(SimpleCell\): expected a carry of shape"):
+        cell(jnp.zeros((4, 3)), x)
+    with pytest.raises(TypeError, match="a SimpleCell's carry is one array"):
+        cell((h, h), x)
+
+
+# -- norms ----------------------------------------------------------------------------------------
+
+
+def test_instance_norm_normalises_each_example_and_channel():
+    x = rand(0, 3, 4, 5, 2) * 5 + 7
+    y = np.asarray(nn.InstanceNorm(2)(x))
+    np.testing.assert_allclose(y.mean((1, 2)), 0, atol=1e-5)
+    np.testing.assert_allclose(y.var((1, 2)), 1, atol=1e-3)
+    # It is GroupNorm with one channel per group.
+    np.testing.assert_allclose(y, np.asarray(nn.GroupNorm(2, num_groups=2)(x)), atol=1e-5)
+
+
+def test_instance_norm_num_spatial_under_vmap():
+    norm = nn.InstanceNorm(3, num_spatial=2, use_scale=False, use_bias=False)
+    x = rand(0, 2, 4, 5, 3)
+    whole = nn.InstanceNorm(3)(x)
+    np.testing.assert_allclose(np.asarray(norm(x)), np.asarray(whole), atol=1e-5)
+    per_example = tl.vmap(lambda m, xi: m(xi), in_axes=(None, 0))(norm, x)
+    np.testing.assert_allclose(np.asarray(per_example), np.asarray(whole), atol=1e-5)
+    two_batch_axes = norm(x.reshape(1, 2, 4, 5, 3))
+    np.testing.assert_allclose(np.asarray(two_batch_axes[0]), np.asarray(whole), atol=1e-5)
+
+
+def test_instance_norm_errors():
+    with pytest.raises(ValueError, match="needs\nat least 2 axes"):
+        nn.InstanceNorm(3)(jnp.ones(3))
+    with pytest.raises(ValueError, match=r"feature_axes=\(0,\) includes axis 0"):
+        nn.InstanceNorm(2, feature_axes=0)(jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match="the channels must be the last axis"):
+        nn.InstanceNorm(2, feature_axes=1, num_spatial=1)
+    with pytest.raises(ValueError, match=r"model \(InstanceNorm\): expected input of shape"):
+        nn.InstanceNorm(3, num_spatial=1)(jnp.ones((2, 4)))
+
+
+def test_fast_variance_trades_accuracy_far_from_zero():
+    # A spread of 1 around 1e4: E[x^2] - E[x]^2 cancels in float32, two passes do not.
+    x = rand(0, 4, 64) + 1e4
+    want = (x - x.mean(-1, keepdims=True)) / x.std(-1, keepdims=True)
+    exact = np.asarray(nn.LayerNorm(64, use_fast_variance=False)(x))
+    fast = np.asarray(nn.LayerNorm(64, use_fast_variance=True)(x))
+    assert np.abs(exact - want).max() < 1e-2
+    assert np.abs(fast - want).max() > 10 * np.abs(exact - want).max()
+
+
+def test_batchnorm_custom_initialisers():
+    bn = nn.BatchNorm(3, scale_init=jax.nn.initializers.normal(), bias_init=np_init(1), rngs=0)
+    assert not np.allclose(np.asarray(bn.scale.value), 1.0)
+    np.testing.assert_array_equal(np.asarray(bn.bias.value), rand(1, 3))
+
+
+# -- masked convolutions --------------------------------------------------------------------------
+
+
+def test_conv_mask_is_not_trained_and_zeroes_taps():
+    mask = jnp.ones((3, 2, 4)).at[2:].set(0)  # causal: output t sees inputs up to t
+    conv = nn.Conv(2, 4, 3, mask=mask, padding=((2, 0),), rngs=0)
+    assert [p for p, _ in tl.iter_variables(conv, tl.Param)] == [("kernel",), ("bias",)]
+    x = rand(0, 1, 6, 2)
+    y = conv(x)
+    # Changing the future does not change the past.
+    x_future = x.copy()
+    x_future[0, 5] += 9.0
+    np.testing.assert_allclose(np.asarray(conv(x_future))[0, :5], np.asarray(y)[0, :5], atol=1e-6)
+    grads = tl.grad(lambda m: m(x).sum())(conv)
+    np.testing.assert_array_equal(np.asarray(grads.kernel.value)[2:], 0.0)
+
+
+def test_conv_mask_shape_error():
+    with pytest.raises(ValueError, match=r"needs the kernel's shape\n\(3, 3, 2, 4\)"):
+        nn.Conv(4, 4, (3, 3), feature_group_count=2, mask=jnp.ones((3, 3, 4, 4)), rngs=0)
+    with pytest.raises(ValueError, match=r"ConvTranspose\(\.\.\., mask=\.\.\.\)"):
+        nn.ConvTranspose(2, 4, 3, mask=jnp.ones((3, 4, 2)), rngs=0)
+
+
+def test_conv_precision_reaches_the_convolution():
+    for layer in (
+        nn.Conv(2, 3, 3, precision="highest", rngs=0),
+        nn.ConvTranspose(2, 3, 3, precision="highest", rngs=0),
+    ):
+        assert "HIGHEST" in str(jax.make_jaxpr(layer)(jnp.ones((1, 5, 2))))

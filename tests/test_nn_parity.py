@@ -348,3 +348,70 @@ def test_masked_conv_transpose_matches_nnx(kernel_size, spatial, kwargs):
     )
     x = rand(2, 2, *spatial, 3)
     close(ours(x), ref(x))
+
+
+# -- WeightNorm, SpectralNorm ---------------------------------------------------------------------
+
+
+def linear_pair(din, dout):
+    ours = nn.Linear(din, dout, kernel_init=np_init(0), bias_init=np_init(1), rngs=0)
+    ref = nnx.Linear(din, dout, rngs=nnx.Rngs(0))
+    copy_into(ref, ours, "kernel", "bias")
+    return ours, ref
+
+
+def conv2d_pair(cin, cout):
+    ours = nn.Conv(cin, cout, (3, 2), kernel_init=np_init(0), bias_init=np_init(1), rngs=0)
+    ref = nnx.Conv(cin, cout, (3, 2), rngs=nnx.Rngs(0))
+    copy_into(ref, ours, "kernel", "bias")
+    return ours, ref
+
+
+WRAPPED = [
+    (lambda: linear_pair(5, 3), (4, 5)),
+    (lambda: linear_pair(1, 7), (2, 1)),
+    (lambda: conv2d_pair(3, 4), (2, 5, 4, 3)),
+]
+
+
+@pytest.mark.parametrize(("make", "x_shape"), WRAPPED)
+@pytest.mark.parametrize("feature_axes", [-1, None, 0])
+def test_weight_norm_matches_nnx(make, x_shape, feature_axes):
+    layer, ref_layer = make()
+    ours = nn.WeightNorm(layer, feature_axes=feature_axes)
+    ref = nnx.WeightNorm(ref_layer, feature_axes=feature_axes, rngs=nnx.Rngs(0))
+    scale = rand(3, *ours.scales["kernel"].shape)
+    ours.scales["kernel"].value = jnp.asarray(scale)
+    ref.scales[("kernel",)] = jnp.asarray(scale)
+    x = rand(4, *x_shape)
+    close(ours(x), ref(x))
+
+
+def test_weight_norm_without_scale_matches_nnx():
+    layer, ref_layer = linear_pair(4, 6)
+    ours = nn.WeightNorm(layer, use_scale=False)
+    ref = nnx.WeightNorm(ref_layer, use_scale=False, rngs=nnx.Rngs(0))
+    x = rand(4, 3, 4)
+    close(ours(x), ref(x))
+
+
+@pytest.mark.parametrize(("make", "x_shape"), WRAPPED)
+@pytest.mark.parametrize("n_steps", [1, 3])
+def test_spectral_norm_matches_nnx(make, x_shape, n_steps):
+    layer, ref_layer = make()
+    ours = nn.SpectralNorm(layer, n_steps=n_steps, rngs=0)
+    ref = nnx.SpectralNorm(ref_layer, n_steps=n_steps, rngs=nnx.Rngs(0))
+    u = rand(5, *ours.u["kernel"].shape)
+    ours.u["kernel"].value = jnp.asarray(u)
+    ref.batch_stats[("kernel", "u")][...] = jnp.asarray(u)
+    x = rand(4, *x_shape)
+    # Evaluation mode first (nothing stored), then a training step; each is
+    # the first call on Flax's side, which overwrites its layer's weights.
+    close(ours(x, use_running_average=True), ref(x, update_stats=False))
+    close(ours.u["kernel"].value, u)
+    layer2, ref_layer2 = make()
+    ours.layer, ref = layer2, nnx.SpectralNorm(ref_layer2, n_steps=n_steps, rngs=nnx.Rngs(0))
+    ref.batch_stats[("kernel", "u")][...] = jnp.asarray(u)
+    close(ours(x), ref(x, update_stats=True))
+    close(ours.u["kernel"].value, ref.batch_stats[("kernel", "u")][...])
+    close(ours.sigma["kernel"].value, ref.batch_stats[("kernel", "sigma")][...])

@@ -250,3 +250,80 @@ def test_conv_precision_reaches_the_convolution():
         nn.ConvTranspose(2, 3, 3, precision="highest", rngs=0),
     ):
         assert "HIGHEST" in str(jax.make_jaxpr(layer)(jnp.ones((1, 5, 2))))
+
+
+# -- WeightNorm, SpectralNorm ---------------------------------------------------------------------
+
+
+def test_weight_norm_keeps_the_raw_weight_and_differentiates_through_it():
+    layer = nn.Linear(4, 3, kernel_init=np_init(0), rngs=0)
+    wn = nn.WeightNorm(layer, scale_init=np_init(1))
+    raw = np.asarray(layer.kernel.value)
+    x = rand(2, 5, 4)
+
+    def manual(kernel, scale, bias):
+        w = kernel / jnp.sqrt(jnp.sum(kernel**2, axis=0, keepdims=True) + 1e-12) * scale
+        return (x @ w + bias).sum()
+
+    for _ in range(2):  # the same on every call: nothing is written back
+        np.testing.assert_allclose(
+            float(wn(x).sum()), float(manual(raw, wn.scales["kernel"].value, 0.0)), rtol=1e-5
+        )
+    np.testing.assert_array_equal(np.asarray(layer.kernel.value), raw)
+    grads = tl.jit(tl.grad(lambda m: m(x).sum()))(wn)
+    want_k, want_s = jax.grad(manual, argnums=(0, 1))(
+        jnp.asarray(raw), wn.scales["kernel"].value, 0.0
+    )
+    np.testing.assert_allclose(np.asarray(grads.layer.kernel.value), want_k, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(grads.scales["kernel"].value), want_s, rtol=1e-4)
+
+
+def test_weight_norm_restores_the_layer_when_it_raises():
+    layer = nn.Linear(4, 3, rngs=0)
+    wn = nn.WeightNorm(layer)
+    raw = layer.kernel.value
+    with pytest.raises(ValueError, match=r"expected input of shape \(\.\.\., 4\)"):
+        wn(jnp.ones((2, 5)))
+    assert layer.kernel.value is raw
+
+
+def test_spectral_norm_train_eval_and_jit():
+    layer = nn.Linear(6, 4, kernel_init=np_init(0), rngs=0)
+    sn = nn.SpectralNorm(layer, rngs=1)
+    x = rand(1, 3, 6)
+    true_sigma = float(np.linalg.norm(np.asarray(layer.kernel.value), 2))
+    step = tl.jit(lambda m, x: m(x))
+    for _ in range(30):  # one power step per call: the estimate sharpens over calls
+        step(sn, x)
+    assert abs(float(sn.sigma["kernel"].value) - true_sigma) < 1e-3 * true_sigma
+    y = np.asarray(sn(x))
+    w = np.asarray(layer.kernel.value) / true_sigma
+    np.testing.assert_allclose(y, x @ w + np.asarray(layer.bias.value), rtol=1e-3, atol=1e-4)
+    u = np.asarray(sn.u["kernel"].value)
+    sn.eval()
+    step(sn, x)
+    np.testing.assert_array_equal(np.asarray(sn.u["kernel"].value), u)  # nothing stored
+    sn.train()
+    sn.layer.kernel.value = sn.layer.kernel.value * 3.0  # the raw weight is the parameter
+    step(sn, x)
+    assert not np.array_equal(np.asarray(sn.sigma["kernel"].value), true_sigma)
+    grads = tl.grad(lambda m: m(x).sum())(sn)
+    assert sorted(p for p, _ in grads.flat().items()) == [("layer", "bias"), ("layer", "kernel")]
+
+
+def test_spectral_norm_flattens_kernels_and_checkpoints(tmp_path):
+    model = nn.Sequential(nn.Conv(2, 3, (3, 3), rngs=0), nn.relu, nn.Conv(3, 1, (1, 1), rngs=1))
+    sn = nn.SpectralNorm(model, rngs=2)
+    assert sorted(sn.u) == ["layers.0.kernel", "layers.2.kernel"]
+    assert sn.u["layers.0.kernel"].shape == (1, 3)
+    sn(rand(0, 1, 5, 5, 2))
+    tl.save(tmp_path / "sn", sn)
+    like = nn.SpectralNorm(
+        nn.Sequential(nn.Conv(2, 3, (3, 3), rngs=5), nn.relu, nn.Conv(3, 1, (1, 1), rngs=6)),
+        rngs=7,
+    )
+    loaded = tl.load(tmp_path / "sn", like)
+    for key in sn.u:
+        np.testing.assert_array_equal(np.asarray(loaded.u[key].value), np.asarray(sn.u[key].value))
+    with pytest.raises(ValueError, match=r"layer.layers\[0\].kernel has shape \(3, 3, 2, 3\)"):
+        nn.SpectralNorm(model, error_on_non_matrix=True, rngs=0)

@@ -46,8 +46,11 @@ from toylib.nn.lora import LoRA, LoRALinear, LoRAParam
 from toylib.nn.normalization import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from toylib.nn.pooling import AvgPool, MaxPool, avg_pool, max_pool
 from toylib.nn.recurrent import RNN, GRUCell, LSTMCell, SimpleCell
+from toylib.nn.weight_norms import SpectralNorm, WeightNorm
 
 __all__ = [
+    "SpectralNorm",
+    "WeightNorm",
     "InstanceNorm",
     "PReLU",
     "SimpleCell",

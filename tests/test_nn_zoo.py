@@ -327,3 +327,52 @@ def test_spectral_norm_flattens_kernels_and_checkpoints(tmp_path):
         np.testing.assert_array_equal(np.asarray(loaded.u[key].value), np.asarray(sn.u[key].value))
     with pytest.raises(ValueError, match=r"layer.layers\[0\].kernel has shape \(3, 3, 2, 3\)"):
         nn.SpectralNorm(model, error_on_non_matrix=True, rngs=0)
+
+
+# -- EMA ------------------------------------------------------------------------------------------
+
+
+def test_ema_inside_a_jitted_train_step_matches_numpy():
+    model = nn.Sequential(nn.Linear(3, 4, rngs=0), nn.BatchNorm(4), nn.Linear(4, 1, rngs=1))
+    optimizer = tl.Optimizer(model, optax.sgd(0.1))
+    ema = nn.EMA(model, decay=0.9)
+    x, y = rand(0, 8, 3), rand(1, 8, 1)
+    want = {p: np.asarray(v.value) for p, v in tl.iter_variables(model, tl.Param)}
+
+    @tl.jit
+    def step(model, optimizer, ema, x, y):
+        grads = tl.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        optimizer.update(model, grads)
+        ema.update(model)
+
+    for _ in range(4):
+        step(model, optimizer, ema, x, y)
+        for p, v in tl.iter_variables(model, tl.Param):
+            want[p] = 0.9 * want[p] + 0.1 * np.asarray(v.value)
+    assert int(ema.count.value) == 4
+    for p, v in tl.iter_variables(ema.model, tl.Param):
+        np.testing.assert_allclose(np.asarray(v.value), want[p], rtol=1e-5, atol=1e-6)
+    # Running statistics are copied, not averaged.
+    np.testing.assert_array_equal(
+        np.asarray(ema.model.layers[1].mean.value), np.asarray(model.layers[1].mean.value)
+    )
+    assert ema.model(x).shape == (8, 1)  # the averaged model is a model
+
+
+def test_ema_warmup_and_errors():
+    model = nn.Linear(2, 1, rngs=0)
+    ema = nn.EMA(model, decay=0.99, warmup=True)
+    assert float(ema.current_decay()) == pytest.approx(0.1)  # (1 + 0) / (10 + 0)
+    model.bias.value = jnp.ones(1)
+    ema.update(model)
+    np.testing.assert_allclose(np.asarray(ema.model.bias.value), [0.9])
+    assert float(ema.current_decay()) == pytest.approx(2 / 11)
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\]"):
+        nn.EMA(model, decay=1.5)
+    before = [np.asarray(ema.model.kernel.value), int(ema.count.value)]
+    with pytest.raises(ValueError, match=r"model.kernel is \(3, 1\), was \(2, 1\)"):
+        ema.update(nn.Linear(3, 1, rngs=0))
+    with pytest.raises(ValueError, match=r"missing model.bias"):
+        ema.update(nn.Linear(2, 1, use_bias=False, rngs=0))
+    np.testing.assert_array_equal(np.asarray(ema.model.kernel.value), before[0])  # unchanged
+    assert int(ema.count.value) == before[1]

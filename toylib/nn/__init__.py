@@ -41,6 +41,7 @@ from toylib.nn.containers import MLP, Sequential, Stack
 from toylib.nn.conv import Conv, ConvTranspose
 from toylib.nn.dropout import Dropout
 from toylib.nn.einsum import Einsum, LinearGeneral, MergeHeads, ProjectHeads
+from toylib.nn.ema import EMA
 from toylib.nn.linear import Embed, Identity, Linear
 from toylib.nn.lora import LoRA, LoRALinear, LoRAParam
 from toylib.nn.normalization import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
@@ -49,6 +50,7 @@ from toylib.nn.recurrent import RNN, GRUCell, LSTMCell, SimpleCell
 from toylib.nn.weight_norms import SpectralNorm, WeightNorm
 
 __all__ = [
+    "EMA",
     "SpectralNorm",
     "WeightNorm",
     "InstanceNorm",

@@ -26,6 +26,13 @@ def np_init(seed):
     return lambda key, shape, dtype=jnp.float32: jnp.asarray(rand(seed, *shape), dtype)
 
 
+# nnx layers get numpy initialisers too: jax.random compiles a kernel for every
+# new shape (seconds each on a busy 2-core machine). The values are copied over
+# from the toylib layer anyway.
+NNX_INIT = {"kernel_init": np_init(0), "bias_init": np_init(1), "rngs": nnx.Rngs(0)}
+NNX_LORA_INIT = {"a_initializer": np_init(2), "b_initializer": np_init(3)}
+
+
 def copy_into(ref, ours, *names):
     """ref.<name>[...] = ours.<name> for each dotted name."""
     for name in names:
@@ -59,7 +66,7 @@ def test_einsum_matches_nnx(equation, kernel_shape, bias_shape, x_shape):
     ours = nn.Einsum(
         equation, kernel_shape, bias_shape, kernel_init=np_init(0), bias_init=np_init(1), rngs=0
     )
-    ref = nnx.Einsum(equation, kernel_shape, bias_shape, rngs=nnx.Rngs(0))
+    ref = nnx.Einsum(equation, kernel_shape, bias_shape, **NNX_INIT)
     copy_into(ref, ours, "kernel", *(["bias"] if bias_shape else []))
     x = rand(2, *x_shape)
     close(ours(x), ref(x))
@@ -67,7 +74,7 @@ def test_einsum_matches_nnx(equation, kernel_shape, bias_shape, x_shape):
 
 def test_einsum_equation_at_call_matches_nnx():
     ours = nn.Einsum(None, (4, 3), (3,), kernel_init=np_init(0), bias_init=np_init(1), rngs=0)
-    ref = nnx.Einsum("ab,bc->ac", (4, 3), (3,), rngs=nnx.Rngs(0))
+    ref = nnx.Einsum("ab,bc->ac", (4, 3), (3,), **NNX_INIT)
     copy_into(ref, ours, "kernel", "bias")
     x = rand(2, 5, 4)
     close(ours(x, "...b,bc->...c"), ref(x, "...b,bc->...c"))
@@ -101,7 +108,7 @@ def test_linear_general_matches_nnx(in_features, out_features, axis, batch_axis,
         **kwargs,
     )
     ref = nnx.LinearGeneral(
-        in_features, out_features, batch_axis=batch_axis or {}, rngs=nnx.Rngs(0), **kwargs
+        in_features, out_features, batch_axis=batch_axis or {}, **NNX_INIT, **kwargs
     )
     copy_into(ref, ours, "kernel", *(["bias"] if use_bias else []))
     x = rand(2, *x_shape)
@@ -121,8 +128,8 @@ def test_linear_general_draws_nnx_weights_for_the_same_key():
 def test_project_and_merge_heads_match_nnx_linear_general(heads, head_dim):
     proj = nn.ProjectHeads(6, heads, head_dim, kernel_init=np_init(0), bias_init=np_init(1), rngs=0)
     merge = nn.MergeHeads(heads, head_dim, 4, kernel_init=np_init(2), bias_init=np_init(3), rngs=0)
-    ref_proj = nnx.LinearGeneral(6, (heads, head_dim), rngs=nnx.Rngs(0))
-    ref_merge = nnx.LinearGeneral((heads, head_dim), 4, axis=(-2, -1), rngs=nnx.Rngs(0))
+    ref_proj = nnx.LinearGeneral(6, (heads, head_dim), **NNX_INIT)
+    ref_merge = nnx.LinearGeneral((heads, head_dim), 4, axis=(-2, -1), **NNX_INIT)
     copy_into(ref_proj, proj, "kernel", "bias")
     copy_into(ref_merge, merge, "kernel", "bias")
     x = rand(4, 2, 5, 6)
@@ -145,9 +152,16 @@ def test_lora_matches_nnx(din, rank, dout, with_base):
         b_initializer=np_init(1),
         rngs=0,
     )
-    ref_base = nnx.Linear(din, dout, rngs=nnx.Rngs(0))
+    ref_base = nnx.Linear(din, dout, **NNX_INIT)
     copy_into(ref_base, base, "kernel", "bias")
-    ref = nnx.LoRA(din, rank, dout, base_module=ref_base if with_base else None, rngs=nnx.Rngs(0))
+    ref = nnx.LoRA(
+        din,
+        rank,
+        dout,
+        base_module=ref_base if with_base else None,
+        rngs=nnx.Rngs(0),
+        **NNX_LORA_INIT,
+    )
     copy_into(ref, ours, "lora_a", "lora_b")
     x = rand(2, 3, din)
     close(ours(x), ref(x))
@@ -166,7 +180,7 @@ def test_lora_linear_matches_nnx(use_bias):
         b_initializer=np_init(3),
         rngs=0,
     )
-    ref = nnx.LoRALinear(5, 3, lora_rank=2, use_bias=use_bias, rngs=nnx.Rngs(0))
+    ref = nnx.LoRALinear(5, 3, lora_rank=2, use_bias=use_bias, **NNX_INIT, **NNX_LORA_INIT)
     names = ["kernel", "lora.lora_a", "lora.lora_b", *(["bias"] if use_bias else [])]
     copy_into(ref, ours, *names)
     x = rand(4, 6, 5)
@@ -197,7 +211,9 @@ def test_simple_cell_matches_nnx(din, hidden, residual):
         bias_init=np_init(2),
         rngs=0,
     )
-    ref = nnx.SimpleCell(din, hidden, residual=residual, rngs=nnx.Rngs(0))
+    ref = nnx.SimpleCell(
+        din, hidden, residual=residual, recurrent_kernel_init=np_init(1), **NNX_INIT
+    )
     ref.dense_i.kernel[...] = ours.kernel.value
     ref.dense_i.bias[...] = ours.bias.value
     ref.dense_h.kernel[...] = ours.recurrent_kernel.value
@@ -289,7 +305,7 @@ def test_batchnorm_fast_variance_matches_nnx_train_then_eval(use_fast_variance):
 
 def conv_pair(make, ref_make, *args, mask=None, **kwargs):
     ours = make(*args, mask=mask, kernel_init=np_init(0), bias_init=np_init(1), rngs=0, **kwargs)
-    ref = ref_make(*args, mask=mask, rngs=nnx.Rngs(0), **kwargs)
+    ref = ref_make(*args, mask=mask, **NNX_INIT, **kwargs)
     copy_into(ref, ours, "kernel", "bias")
     return ours, ref
 
@@ -355,14 +371,14 @@ def test_masked_conv_transpose_matches_nnx(kernel_size, spatial, kwargs):
 
 def linear_pair(din, dout):
     ours = nn.Linear(din, dout, kernel_init=np_init(0), bias_init=np_init(1), rngs=0)
-    ref = nnx.Linear(din, dout, rngs=nnx.Rngs(0))
+    ref = nnx.Linear(din, dout, **NNX_INIT)
     copy_into(ref, ours, "kernel", "bias")
     return ours, ref
 
 
 def conv2d_pair(cin, cout):
     ours = nn.Conv(cin, cout, (3, 2), kernel_init=np_init(0), bias_init=np_init(1), rngs=0)
-    ref = nnx.Conv(cin, cout, (3, 2), rngs=nnx.Rngs(0))
+    ref = nnx.Conv(cin, cout, (3, 2), **NNX_INIT)
     copy_into(ref, ours, "kernel", "bias")
     return ours, ref
 

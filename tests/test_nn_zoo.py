@@ -244,6 +244,14 @@ def test_conv_mask_shape_error():
         nn.ConvTranspose(2, 4, 3, mask=jnp.ones((3, 4, 2)), rngs=0)
 
 
+@pytest.mark.parametrize("make", [nn.LSTMCell, nn.GRUCell, nn.SimpleCell])
+def test_cell_precision_reaches_the_matmuls(make):
+    cell = make(2, 3, precision="highest", rngs=0)
+    x = jnp.ones((1, 2))
+    carry = cell.initialize_carry(x.shape)
+    assert str(jax.make_jaxpr(lambda c, x: cell(c, x))(carry, x)).count("HIGHEST") >= 2
+
+
 def test_conv_precision_reaches_the_convolution():
     for layer in (
         nn.Conv(2, 3, 3, precision="highest", rngs=0),

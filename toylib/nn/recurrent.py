@@ -110,7 +110,16 @@ def _zeros_carry(cell: Any, input_shape: tuple[int, ...]) -> jax.Array:
     return jnp.zeros(shape, _carry_dtype(cell.dtype, cell.param_dtype))
 
 
-class LSTMCell(Module):
+class _Cell(Module):
+    """What the cells share: matmuls at the cell's ``precision``."""
+
+    precision: Any = None
+
+    def _mm(self, a: Array, b: Array) -> Array:
+        return jnp.matmul(a, b, precision=self.precision)
+
+
+class LSTMCell(_Cell):
     """One step of a long short-term memory cell: ``(c, h), x -> (c', h'), h'``.
 
     With ``gate = gate_fn`` (sigmoid) and ``act = activation_fn`` (tanh)::
@@ -145,6 +154,7 @@ class LSTMCell(Module):
             kernel (default orthogonal).
         bias_init: initialiser of each gate's bias (default zeros).
         dtype: compute dtype (default: promote input, carry and parameters).
+        precision: ``jax.lax`` precision of the matmuls (default None).
         param_dtype: dtype the parameters are stored in (default float32).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
 
@@ -174,6 +184,7 @@ class LSTMCell(Module):
         bias_init: Any = jax.nn.initializers.zeros,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        precision: Any = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         rngs = as_rngs(rngs, "LSTMCell(rngs=...)")
@@ -189,6 +200,7 @@ class LSTMCell(Module):
         self.activation_fn = activation_fn
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.precision = precision
 
     def __call__(
         self,
@@ -221,7 +233,7 @@ class LSTMCell(Module):
             self.bias.value,
             dtype=self.dtype,
         )
-        z = x @ kernel + h @ recurrent + bias
+        z = self._mm(x, kernel) + self._mm(h, recurrent) + bias
         i, f, g, o = jnp.split(z, 4, axis=-1)
         new_c = self.gate_fn(f) * c + self.gate_fn(i) * self.activation_fn(g)
         new_h = self.gate_fn(o) * self.activation_fn(new_c)
@@ -239,7 +251,7 @@ class LSTMCell(Module):
         return _zeros_carry(self, input_shape), _zeros_carry(self, input_shape)
 
 
-class GRUCell(Module):
+class GRUCell(_Cell):
     """One step of a gated recurrent unit: ``h, x -> h', h'``.
 
     With ``gate = gate_fn`` (sigmoid) and ``act = activation_fn`` (tanh)::
@@ -276,6 +288,7 @@ class GRUCell(Module):
         bias_init: initialiser of ``bias`` (per gate) and ``recurrent_bias``
             (default zeros).
         dtype: compute dtype (default: promote input, carry and parameters).
+        precision: ``jax.lax`` precision of the matmuls (default None).
         param_dtype: dtype the parameters are stored in (default float32).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
 
@@ -305,6 +318,7 @@ class GRUCell(Module):
         bias_init: Any = jax.nn.initializers.zeros,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        precision: Any = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         rngs = as_rngs(rngs, "GRUCell(rngs=...)")
@@ -321,6 +335,7 @@ class GRUCell(Module):
         self.activation_fn = activation_fn
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.precision = precision
 
     def __call__(
         self, carry: Float[ArrayLike, "*batch hidden"], x: Float[ArrayLike, "*batch in"]
@@ -346,8 +361,8 @@ class GRUCell(Module):
             self.recurrent_bias.value,
             dtype=self.dtype,
         )
-        xr, xz, xn = jnp.split(x @ kernel + bias, 3, axis=-1)
-        hr, hz, hn = jnp.split(h @ recurrent, 3, axis=-1)
+        xr, xz, xn = jnp.split(self._mm(x, kernel) + bias, 3, axis=-1)
+        hr, hz, hn = jnp.split(self._mm(h, recurrent), 3, axis=-1)
         r = self.gate_fn(xr + hr)
         z = self.gate_fn(xz + hz)
         n = self.activation_fn(xn + r * (hn + recurrent_bias))
@@ -364,7 +379,7 @@ class GRUCell(Module):
         return _zeros_carry(self, input_shape)
 
 
-class SimpleCell(Module):
+class SimpleCell(_Cell):
     """One step of an Elman (vanilla) recurrent cell: ``h, x -> h', h'``.
 
     ``h' = act(x W + b + h U)``, or with ``residual=True``
@@ -387,6 +402,7 @@ class SimpleCell(Module):
         recurrent_kernel_init: initialiser of ``recurrent_kernel`` (default orthogonal).
         bias_init: initialiser of ``bias`` (default zeros).
         dtype: compute dtype (default: promote input, carry and parameters).
+        precision: ``jax.lax`` precision of the matmuls (default None).
         param_dtype: dtype the parameters are stored in (default float32).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
 
@@ -414,6 +430,7 @@ class SimpleCell(Module):
         bias_init: Any = jax.nn.initializers.zeros,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        precision: Any = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         rngs = as_rngs(rngs, "SimpleCell(rngs=...)")
@@ -429,6 +446,7 @@ class SimpleCell(Module):
         self.activation_fn = activation_fn
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.precision = precision
 
     def __call__(
         self, carry: Float[ArrayLike, "*batch hidden"], x: Float[ArrayLike, "*batch in"]
@@ -453,7 +471,7 @@ class SimpleCell(Module):
             self.bias.value,
             dtype=self.dtype,
         )
-        z = x @ kernel + bias + h @ recurrent
+        z = self._mm(x, kernel) + bias + self._mm(h, recurrent)
         new_h = self.activation_fn(z + h if self.residual else z)
         return new_h.astype(h_in.dtype), new_h
 

@@ -225,7 +225,7 @@ def test_batchnorm_custom_initialisers():
 
 def test_conv_mask_is_not_trained_and_zeroes_taps():
     mask = jnp.ones((3, 2, 4)).at[2:].set(0)  # causal: output t sees inputs up to t
-    conv = nn.Conv(2, 4, 3, mask=mask, padding=((2, 0),), rngs=0)
+    conv = nn.Conv(2, 4, 3, mask=mask, padding=((2, 0),), kernel_init=np_init(0), rngs=0)
     assert [p for p, _ in tl.iter_variables(conv, tl.Param)] == [("kernel",), ("bias",)]
     x = rand(0, 1, 6, 2)
     y = conv(x)
@@ -320,14 +320,15 @@ def test_spectral_norm_train_eval_and_jit():
 
 
 def test_spectral_norm_flattens_kernels_and_checkpoints(tmp_path):
-    model = nn.Sequential(nn.Conv(2, 3, (3, 3), rngs=0), nn.relu, nn.Conv(3, 1, (1, 1), rngs=1))
+    init = {"kernel_init": np_init(0), "rngs": 0}
+    model = nn.Sequential(nn.Conv(2, 3, (3, 3), **init), nn.relu, nn.Conv(3, 1, (1, 1), **init))
     sn = nn.SpectralNorm(model, rngs=2)
     assert sorted(sn.u) == ["layers.0.kernel", "layers.2.kernel"]
     assert sn.u["layers.0.kernel"].shape == (1, 3)
     sn(rand(0, 1, 5, 5, 2))
     tl.save(tmp_path / "sn", sn)
     like = nn.SpectralNorm(
-        nn.Sequential(nn.Conv(2, 3, (3, 3), rngs=5), nn.relu, nn.Conv(3, 1, (1, 1), rngs=6)),
+        nn.Sequential(nn.Conv(2, 3, (3, 3), **init), nn.relu, nn.Conv(3, 1, (1, 1), **init)),
         rngs=7,
     )
     loaded = tl.load(tmp_path / "sn", like)

@@ -130,26 +130,20 @@ class WeightNorm(Module):
         rngs: Rngs | int | jax.Array | None = None,
     ) -> None:
         self.layer = layer
-        self.feature_axes = (
-            None
-            if feature_axes is None
-            else tuple(feature_axes)
-            if isinstance(feature_axes, tuple | list)
-            else (feature_axes,)
-        )
+        if feature_axes is not None and not isinstance(feature_axes, tuple | list):
+            feature_axes = (feature_axes,)
+        self.feature_axes = None if feature_axes is None else tuple(feature_axes)
         self.use_scale = use_scale
         self.epsilon = epsilon
         self.dtype = dtype
         self.variable_filter = variable_filter
         key = _init_keys(rngs, "WeightNorm(rngs=...)")
-        self.scales = (
-            {
+        self.scales = None
+        if use_scale:
+            self.scales = {
                 _key(path): Param(scale_init(key(), self._scale_shape(v.value), param_dtype))
                 for path, v in self._targets()
             }
-            if use_scale
-            else None
-        )
 
     def _targets(self) -> list[tuple[Path, Variable]]:
         keep = to_predicate(self.variable_filter)

@@ -1,6 +1,9 @@
 """Tests for tl.display and the treescope handlers for Modules, Variables and States."""
 
 import dataclasses
+import importlib
+import re
+import subprocess
 import sys
 import types
 
@@ -11,6 +14,7 @@ import toylib as tl
 from toylib import nn
 
 display_impl = sys.modules["toylib.display"]
+handlers = importlib.import_module("toylib._treescope")
 
 
 def shown(capsys, obj):
@@ -24,7 +28,7 @@ def test_terminal_text_shows_structure_not_values(capsys):
     lines = text.splitlines()
     assert lines[0] == "MLP(  # Param: 26 (104 B)"
     assert "  layers=[" in lines
-    assert "    Linear(  # Param: 16 (64 B)" in lines
+    assert "    Linear(  # [0] Param: 16 (64 B)" in lines
     assert "      kernel=Param float32[3, 4]," in lines
     assert "      bias=Param float32[4]," in lines
     assert "  activation=jax.nn.relu," in lines
@@ -106,9 +110,7 @@ def test_treescope_entry_points_use_the_handlers():
     renderer = treescope.active_renderer.get()
     bare = dataclasses.replace(
         renderer,
-        context_builders=[
-            b for b in renderer.context_builders if b is not display_impl._fresh_record
-        ],
+        context_builders=[b for b in renderer.context_builders if b is not handlers._fresh_record],
     )
     with treescope.active_renderer.set_scoped(bare):
         assert "shared with model.encoder" in treescope.render_to_text(model)
@@ -174,3 +176,71 @@ def test_variable_sizes_count_each_variable_once():
     assert display_impl.format_bytes(1500) == "1.5 KB"
     assert display_impl.format_bytes(12) == "12 B"
     assert display_impl.format_bytes(3_200_000) == "3.2 MB"
+
+
+def test_list_elements_show_their_index(capsys):
+    class Bank(tl.Module):
+        def __init__(self):
+            self.layers = [nn.Linear(2, 2, rngs=i) for i in range(3)]
+            # Too long for one line, so one Variable per line.
+            self.scales = tuple(tl.Param(jnp.ones((i, 100, 100))) for i in range(1, 7))
+
+    lines = shown(capsys, Bank()).splitlines()
+    assert "  scales=(" in lines
+    for i in range(3):
+        assert f"    Linear(  # [{i}] Param: 6 (24 B)" in lines
+    assert "    Param float32[2, 100, 100],  # [1]" in lines
+
+
+# The checkbox that folds a node, then the node's type name: checked is unfolded.
+TOGGLE = re.compile(
+    r'<input type="checkbox" class="foldable_node_toggle"( checked)?></input>'
+    r'<span class="colored_line topline hch_space_left"><span class="when_roundtrip">'
+    r'<span class="qualname_prefix">[\w.]+</span></span>(\w+)\('
+)
+
+
+def test_html_unfolds_modules_as_deep_as_the_text_view(tmp_path):
+    def block(rngs):
+        return nn.Sequential(nn.LayerNorm(8, rngs=rngs), nn.MLP([8, 32, 8], rngs=rngs))
+
+    model = nn.Sequential(nn.Linear(4, 8, rngs=0), nn.Stack(block, 2, rngs=1))
+    names = ["Sequential", "Linear", "Stack", "Sequential", "LayerNorm", "MLP", "Linear", "Linear"]
+    # treescope's own layout folds the nested block onto one line...
+    default = treescope.render_to_html(model, compressed=False)
+    found = [(m.group(2), bool(m.group(1))) for m in TOGGLE.finditer(default)]
+    assert [name for name, _ in found] == names and not all(open_ for _, open_ in found)
+    # ...tl.display's page unfolds every Module, as the text view does.
+    page = tl.display(model, path=tmp_path / "model.html").read_text(encoding="utf-8")
+    assert [(m.group(2), bool(m.group(1))) for m in TOGGLE.finditer(page)] == [
+        (name, True) for name in names
+    ]
+    assert "  # [1] Param" in page
+
+
+LAZY_CHECK = """
+import sys
+import toylib as tl
+from toylib import nn
+heavy = [m for m in ("rich", "treescope", "orbax", "optax") if m in sys.modules]
+assert not heavy, f"import toylib imported {heavy}"
+
+class Tied(tl.Module):
+    def __init__(self):
+        self.encoder = nn.Embed(10, 4, rngs=0)
+        self.decoder = self.encoder
+
+import treescope  # the user's own treescope call: toylib's handlers load on first use
+text = treescope.render_to_text({"a": Tied(), "b": 1})
+assert "Embed(" in text and "shared with model['a'].encoder" in text, text
+assert "PyTree children" not in text, text
+print("ok")
+"""
+
+
+def test_import_toylib_does_not_import_rich_treescope_orbax_optax():
+    out = subprocess.run(
+        [sys.executable, "-c", LAZY_CHECK], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

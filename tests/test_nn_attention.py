@@ -603,3 +603,76 @@ def test_decode_errors():
     with pytest.raises(ValueError, match="query's length"):
         attn(x, jnp.ones((2, 2, F)))
     assert int(attn.cache_index.value) == 0  # nothing written by the failed calls
+
+
+def test_writing_past_the_cache_end_is_an_error_outside_jit():
+    attn = make(2)
+    x = rand(1, 2, L, F)
+    attn.init_cache((2, L, F))
+    attn.decode = True
+    attn(x[:, :3])
+    with pytest.raises(ValueError) as info:
+        attn(x[:, 3:5].repeat(2, axis=1)[:, :3])  # 3 more tokens, 2 places left
+    message = str(info.value)
+    assert "KV cache is full" in message and "5 positions, 3 are written" in message
+    assert "nn.init_cache(model, 2, max_length)" in message and "Fix" in message
+    assert int(attn.cache_index.value) == 3  # the failed call wrote nothing
+    attn(x[:, 3:5])  # exactly filling it is fine
+    assert int(attn.cache_index.value) == L
+
+
+def test_causal_flag_equals_an_explicit_causal_mask():
+    attn = make(2, causal=True)
+    x = rand(1, 2, L, F)
+    reference = make(2)
+    want = run(reference, x, mask=causal(2, L))
+    close(run(attn, x), want)
+    # Combined with a user mask: both must keep a pair.
+    valid = padding(3, 2, L)
+    valid[:, 0] = True
+    pad = pairs(np.ones((2, L), bool), valid)
+    close(run(attn, x, mask=pad), run(reference, x, mask=pad & causal(2, L)))
+    # Decoding the same layer needs no mask either: prefill 3 tokens, then one at a time.
+    attn.init_cache((2, 8, F))
+    attn.decode = True
+    close(decode_in_chunks(attn, x, [3, 1, 1], run), want)
+
+
+def test_init_cache_and_set_decode_reach_every_attention_layer_stack_included():
+    class Block(tl.Module):
+        def __init__(self, rngs):
+            self.attn = nn.MultiHeadAttention(2, F, causal=True, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.attn(x)
+
+    class Model(tl.Module):
+        def __init__(self, rngs):
+            self.blocks = nn.Stack(Block, 3, rngs=rngs)
+            self.head = nn.MultiHeadAttention(2, F, causal=True, rngs=rngs)
+
+        def __call__(self, x):
+            return self.head(self.blocks(x))
+
+    model = Model(tl.Rngs(0))
+    x = rand(2, 2, L, F)
+    want = run(model, x)
+    assert nn.init_cache(model, 2, 8) is model
+    assert model.blocks.blocks.attn.cached_key.value.shape == (3, 2, 8, 2, 3)  # one per block
+    assert model.head.cached_key.value.shape == (2, 8, 2, 3)
+    assert not model.head.decode
+    assert nn.set_decode(model) is model
+    assert model.head.decode and model.blocks.blocks.attn.decode
+    close(decode_in_chunks(model, x, [2, 1, 2], run), want)
+    np.testing.assert_array_equal(np.asarray(model.blocks.blocks.attn.cache_index), [L] * 3)
+    assert int(model.head.cache_index.value) == L
+    nn.set_decode(model, False)
+    assert not model.head.decode and not model.blocks.blocks.attn.decode
+    close(run(model, x), want)
+    # Called again: fresh caches for a new sequence.
+    nn.init_cache(model, 2, 8)
+    assert int(model.head.cache_index.value) == 0
+    with pytest.raises(ValueError, match="found no nn.MultiHeadAttention"):
+        nn.init_cache(nn.Linear(2, 2, rngs=0), 1, 4)
+    with pytest.raises(ValueError, match="no layer of this Linear has a `decode`"):
+        nn.set_decode(nn.Linear(2, 2, rngs=0))

@@ -183,3 +183,27 @@ def test_shape_error_names_block_path():
 def test_bad_block_count(n):
     with pytest.raises(ValueError, match="positive int"):
         nn.Stack(Block, n, rngs=0)
+
+
+@pytest.mark.parametrize("unroll", [2, True])
+def test_unroll_gives_the_same_forward_and_gradients(unroll):
+    stack = make().eval()
+    unrolled = make().eval()
+    unrolled.unroll = unroll
+    x = x_data()
+
+    def loss(stack):
+        return jnp.sum(stack(x) ** 2)
+
+    grad = tl.jit(tl.value_and_grad(loss))
+    (want, want_grads), (got, got_grads) = grad(stack), grad(unrolled)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert nn.Stack(Block, N, rngs=0, unroll=3).unroll == 3
+
+
+@pytest.mark.parametrize("unroll", [0, -1, 1.5, False, "all"])
+def test_bad_unroll(unroll):
+    with pytest.raises(ValueError, match="unroll"):
+        nn.Stack(Block, N, rngs=0, unroll=unroll)

@@ -293,3 +293,86 @@ def test_rng_state_of_a_layer_holding_a_stream():
     flat = tl.state(model, tl.RngState).flat()
     assert set(flat) == {("rngs", "key"), ("rngs", "count")}
     assert same_key(flat[("rngs", "key")].value, jax.random.key(1))
+
+
+# -- split_rngs, draws, per-stream split ------------------------------------------------
+
+_RNG_AXES = (tl.StateAxes({tl.RngState: 0, ...: None}), 0)
+
+
+class _Noisy(tl.Module):
+    def __init__(self):
+        self.linear = nn.Linear(4, 4, rngs=0)
+        self.drop = nn.Dropout(0.5, rngs=tl.Rngs(params=0, dropout=1))
+
+    def __call__(self, x):
+        return self.drop(self.linear(x))
+
+
+def _masks(y):
+    return {tuple(bool(v) for v in row) for row in (jnp.asarray(y) != 0).tolist()}
+
+
+def test_split_rngs_gives_per_example_dropout_masks_under_vmap():
+    model = _Noisy()
+    x = jnp.ones((6, 4))
+    same = tl.vmap(lambda m, x: m(x), in_axes=(None, 0))(model, x)
+    assert len(_masks(same)) == 1  # without splitting: one mask for every example
+    step = tl.jit(lambda m, x: tl.vmap(lambda m, x: m(x), in_axes=_RNG_AXES)(m, x))
+    with tl.split_rngs(model, 6):
+        assert model.drop.rngs.key.shape == (6,)
+        first = step(model, x)
+    assert len(_masks(first)) > 1
+    assert model.drop.rngs.key.shape == () and model.drop.rngs.count.shape == ()
+    with tl.split_rngs(model, 6):
+        second = step(model, x)
+    assert _masks(second) != _masks(first)  # the stream advanced: new keys next time
+
+
+def test_split_rngs_as_decorators_and_for_scan():
+    model = _Noisy()
+
+    @tl.split_rngs(n=3)
+    def run(m, x):
+        return tl.vmap(lambda m, x: m(x), in_axes=_RNG_AXES)(m, x)
+
+    assert len(_masks(run(model, jnp.ones((3, 4))))) > 1
+    assert model.drop.rngs.key.shape == ()
+
+    @tl.split_rngs(model, 4, only="dropout")
+    def scanned(m, xs):
+        body = tl.scan(lambda m, x: m(x), in_axes=_RNG_AXES, out_axes=0)
+        return body(m, xs)
+
+    ys = scanned(model, jnp.ones((4, 4)))
+    assert len(_masks(ys)) > 1
+
+
+def test_split_rngs_bad_input():
+    model = _Noisy()
+    with tl.split_rngs(model, 4):
+        with pytest.raises(ValueError, match=r"size 4: `args\[0\].drop.rngs.key`") as info:
+            tl.vmap(lambda m, x: m(x), in_axes=_RNG_AXES)(model, jnp.ones((3, 4)))
+        assert "tl.split_rngs(model, n=batch_size)" in str(info.value)
+        with pytest.raises(ValueError, match="already holds keys"):
+            tl.split_rngs(model, 4).__enter__()
+    with pytest.raises(ValueError, match="no Rngs stream"):
+        tl.split_rngs(nn.Linear(2, 2, rngs=0), 2).__enter__()
+    with pytest.raises(ValueError, match="positive int"):
+        tl.split_rngs(model, 0)
+    with pytest.raises(TypeError, match="needs n"):
+        tl.split_rngs(model)
+
+
+def test_rngs_draws_and_per_stream_split():
+    rngs = tl.Rngs(0, dropout=1)
+    a, b = rngs.normal((2, 3)), rngs.normal((2, 3))
+    assert a.shape == (2, 3) and not bool((a == b).all())
+    u = rngs.dropout.uniform((100,), minval=2.0, maxval=3.0)
+    assert float(u.min()) >= 2.0 and float(u.max()) < 3.0
+    assert int(rngs.dropout.count.value) == 1 and int(rngs.default.count.value) == 2
+    assert rngs.uniform((2,)).dtype == jnp.float32
+    split = rngs.split({"dropout": 5})
+    assert split.dropout.key.shape == (5,) and split.default.key.shape == ()
+    with pytest.raises(ValueError, match="no stream 'nope'"):
+        rngs.split({"nope": 2})

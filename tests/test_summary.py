@@ -265,3 +265,62 @@ def test_summary_records_only_its_own_threads_calls():
 
     rows = ["model", "model.layers[0]", "model.layers[1]"]
     assert run_in_threads(summarise, busy, summarise) == [rows, "done", rows]
+
+
+def test_stack_flops_count_every_block():
+    stack = nn.Stack(lambda rngs: nn.Linear(4, 4, rngs=rngs), 3, rngs=0)
+    s = tl.summary(stack, jnp.ones((2, 4)), console=quiet())
+    block = linear_flops(2, 4, 4)
+    assert s.rows[1].flops == block  # the row inside the scan: one block
+    # All three blocks, plus XLA's count of the loop counter (an add and a compare).
+    assert 3 * block <= s.rows[0].flops <= 3 * block + 2
+    assert s.total.flops == s.rows[0].flops
+    # The same blocks in a Python loop (no scan) count the same.
+    looped = nn.Sequential(*[nn.Linear(4, 4, rngs=i) for i in range(3)])
+    assert tl.summary(looped, jnp.ones((2, 4)), console=quiet()).total.flops == 3 * block
+
+
+@pytest.mark.parametrize("unroll", [1, 2, 3, 7, True])
+def test_rnn_flops_count_every_step_whatever_the_unroll(unroll):
+    x = jnp.ones((2, 7, 3))
+    s = tl.summary(nn.RNN(nn.LSTMCell(3, 4, rngs=0), unroll=unroll), x, console=quiet())
+    step = s.rows[1].flops  # the cell: one time step
+    assert step > 0
+    # Seven steps; XLA simplifies a little across unrolled copies (the first
+    # step's zero carry), so an unrolled count is within a percent or two.
+    assert s.total.flops == pytest.approx(7 * step, rel=0.02)
+    if unroll is not True and unroll == 1:  # one loop body: exactly 7 steps and the loop counter
+        assert 7 * step <= s.total.flops <= 7 * step + 2
+    assert s.table.caption is None
+
+
+def test_a_while_loop_counts_one_iteration_and_says_so():
+    class Repeat(tl.Module):
+        def __init__(self):
+            self.layer = nn.Linear(4, 4, rngs=0)
+
+        def __call__(self, x, n):
+            return tl.fori_loop(0, n, lambda i, c: (c[0], c[0].layer(c[1])), (self, x))[1]
+
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    s = tl.summary(Repeat(), jnp.ones((2, 4)), jnp.array(5), console=console)
+    assert s.rows[1].flops == linear_flops(2, 4, 4)
+    assert "count one iteration" in s.table.caption and "one iteration" in out.getvalue()
+
+
+def test_not_a_terminal_prints_the_full_width(capsys):
+    def block(rngs):
+        return nn.Sequential(
+            nn.Sequential(nn.Linear(64, 64, rngs=rngs), nn.LayerNorm(64, rngs=rngs))
+        )
+
+    tl.summary(nn.Stack(block, 2, rngs=0), jnp.ones((8, 128, 64)), compute_flops=False)
+    text = capsys.readouterr().out  # captured: not a terminal
+    assert max(len(line) for line in text.splitlines()) > 80
+    # Nothing folded: every path and shape on one line of its own row.
+    lines = text.splitlines()
+    assert any(
+        "model.blocks[*].layers[0].layers[1]" in line and "LayerNorm" in line for line in lines
+    )
+    assert any("float32[8, 128, 64]" in line for line in lines)

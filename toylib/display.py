@@ -1,13 +1,16 @@
 """tl.display: look at a model (Modules, Variables, States) with treescope.
 
-Importing toylib registers treescope handlers for ``Module``, ``Variable``
-and ``State``, so every treescope entry point shows them the same way:
-``tl.display``, ``treescope.display``, ``treescope.render_to_text`` and the
-notebook pretty-printer installed by ``treescope.basic_interactive_setup()``.
+Modules, Variables and States are drawn by toylib's treescope handlers
+(``toylib/_treescope.py``) wherever treescope draws them: ``tl.display``,
+``treescope.display``, ``treescope.render_to_text`` and the notebook
+pretty-printer installed by ``treescope.basic_interactive_setup()``.
+treescope itself is imported the first time something is drawn, not by
+``import toylib``.
 
 * A Module is shown like a constructor call of its attributes, data and
   static, with the size of its state by Variable type on the first line
-  (``# Param: 16 (64 B)``).
+  (``# Param: 16 (64 B)``); an element of a list or tuple also shows its
+  index there (``# [2] Param: 16 (64 B)``).
 * A Variable is one line, its type then its value's dtype and shape
   (``Param float32[3, 2]``); unfold it (HTML) to see the array itself,
   through treescope's array view, and its metadata.
@@ -16,6 +19,9 @@ notebook pretty-printer installed by ``treescope.basic_interactive_setup()``.
   later places show one line, ``Linear(...)  # shared with model.encoder``.
   A reference back to an enclosing object (a cycle) is treescope's
   ``<cyclic reference to ...>``; nothing recurses forever.
+* ``tl.display`` lays the tree out the same way in text and in HTML: every
+  Module unfolded, one attribute per line, everything else on one line when
+  it fits the width (the terminal's; 120 characters for HTML).
 
 Treescope's own "repeated python object" warning is turned off for these
 types (``IMMUTABLE_TYPES_REGISTRY``, the registry treescope provides for
@@ -27,33 +33,20 @@ context builder added to treescope's default renderer opens it.
 
 from __future__ import annotations
 
-import dataclasses
 import html
+import importlib
 import math
 import os
 import pathlib
 import shutil
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
-import treescope
-from treescope import (
-    context,
-    formatting_util,
-    layout_algorithms,
-    rendering_parts,
-    repr_lib,
-    type_registries,
-)
 
-from toylib._core.containers import untracked
 from toylib._core.graph import iter_variables
-from toylib._core.module import Module
-from toylib._core.state import State
-from toylib._core.variables import Variable, describe_value
+from toylib._core.variables import Variable
 
 __all__ = ["display", "variable_sizes"]
 
@@ -136,184 +129,6 @@ def format_sizes(sizes: dict[type, tuple[int, int]]) -> str:
     )
 
 
-# -- shared references -----------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Seen:
-    """Objects drawn so far in one rendering: ``id -> (path text, object)``.
-
-    The objects are kept so that an id cannot be reused by a temporary
-    object while the rendering runs.
-    """
-
-    first: dict[int, tuple[str | None, Any]] = dataclasses.field(default_factory=dict)
-
-
-_seen: context.ContextualValue[_Seen | None] = context.ContextualValue(
-    module=__name__, qualname="_seen", initial_value=None
-)
-
-
-def _where(path: str | None) -> str | None:
-    return None if path is None else ROOT + path
-
-
-def _once(node: Any, path: str | None, draw: Callable[[], Any]) -> Any:
-    """Draw ``node`` the first time it is met in this rendering, a reference afterwards.
-
-    Cycles never get here: treescope stops at an object that contains itself
-    (``<cyclic reference to ...>``) before calling any handler.
-    """
-    seen = _seen.get()
-    if seen is None:
-        # A renderer without `_fresh_record` (a user's own): the outermost
-        # toylib object opens the record for everything inside it.
-        with _seen.set_scoped(_Seen()):
-            return _once(node, path, draw)
-    first = seen.first.get(id(node))
-    if first is not None:
-        return _reference(node, first[0])
-    seen.first[id(node)] = (_where(path), node)
-    return draw()
-
-
-def _variable_text(variable: Variable) -> str:
-    """``float32[3, 2]`` then the metadata: ``float32[3, 2] sharding=('embed', 'mlp')``."""
-    metadata = "".join(f" {k}={v!r}" for k, v in variable._metadata.items())
-    return describe_value(variable._value) + metadata
-
-
-def _reference(node: Any, where: str | None) -> Any:
-    name = type(node).__name__
-    if isinstance(node, Variable):
-        short = f"{name} {_variable_text(node)}"
-    else:
-        short = f"{name}(...)"
-    note = f"shared with {where or 'an earlier ' + name}"
-    # A comment at the end of the line when the parent is unfolded; inline
-    # when the parent is folded onto one line, where line comments are dropped.
-    return rendering_parts.RenderableAndLineAnnotations(
-        renderable=rendering_parts.siblings(
-            short,
-            rendering_parts.fold_condition(
-                collapsed=rendering_parts.comment_color(rendering_parts.text(f" <{note}>"))
-            ),
-        ),
-        annotations=rendering_parts.comment_color(rendering_parts.text(f"  # {note}")),
-    )
-
-
-# -- treescope handlers ----------------------------------------------------------------
-
-
-_MODULE_MARK = "toylib.Module"
-
-
-def _render_module(node: Any, path: str | None, subtree_renderer: Any) -> Any:
-    if not isinstance(node, Module):
-        return NotImplemented
-
-    def draw() -> Any:
-        children = []
-        attributes = list(vars(node).items())
-        for i, (name, value) in enumerate(attributes):
-            child_path = None if path is None else f"{path}.{name}"
-            children.append(
-                rendering_parts.build_full_line_with_annotations(
-                    rendering_parts.siblings_with_annotations(
-                        f"{name}=", subtree_renderer(untracked(value), path=child_path)
-                    ),
-                    _comma(last=i == len(attributes) - 1),
-                )
-            )
-        sizes = variable_sizes(node)
-        note = format_sizes(sizes)
-        return rendering_parts.build_foldable_tree_node_from_children(
-            # The mark lets tl.display's text view unfold every Module.
-            prefix=rendering_parts.with_layout_mark(
-                rendering_parts.siblings(
-                    rendering_parts.maybe_qualified_type_name(type(node)), "("
-                ),
-                _MODULE_MARK,
-            ),
-            children=children,
-            suffix=")",
-            path=path,
-            background_color=formatting_util.color_from_string(type(node).__qualname__),
-            first_line_annotation=(
-                rendering_parts.comment_color(rendering_parts.text(f"  # {note}")) if note else None
-            ),
-        )
-
-    return _once(node, path, draw)
-
-
-def _comma(last: bool) -> Any:
-    # Between attributes always a comma (a space after it when folded on one
-    # line); after the last one only when unfolded.
-    if last:
-        return rendering_parts.fold_condition(expanded=rendering_parts.text(","))
-    return rendering_parts.siblings(
-        ",", rendering_parts.fold_condition(collapsed=rendering_parts.text(" "))
-    )
-
-
-def _render_variable(node: Any, path: str | None, subtree_renderer: Any) -> Any:
-    if not isinstance(node, Variable):
-        return NotImplemented
-
-    def draw() -> Any:
-        label = rendering_parts.siblings(
-            rendering_parts.maybe_qualified_type_name(type(node)),
-            " ",
-            rendering_parts.abbreviation_color(rendering_parts.text(_variable_text(node))),
-        )
-        value_path = None if path is None else f"{path}.value"
-        value = rendering_parts.build_full_line_with_annotations(
-            rendering_parts.siblings_with_annotations(
-                "value=", subtree_renderer(node._value, path=value_path)
-            )
-        )
-        # Folded by default, so the text view is one line per Variable;
-        # unfold it in the HTML view to see the array.
-        return rendering_parts.build_custom_foldable_tree_node(
-            label=label,
-            contents=rendering_parts.fold_condition(
-                expanded=rendering_parts.indented_children([value])
-            ),
-            path=path,
-            expand_state=rendering_parts.ExpandState.COLLAPSED,
-        )
-
-    return _once(node, path, draw)
-
-
-def _render_state(node: Any, path: str | None, subtree_renderer: Any) -> Any:
-    if not isinstance(node, State):
-        return NotImplemented
-    return repr_lib.render_dictionary_wrapper(State, dict(node.items()), path, subtree_renderer)
-
-
-type_registries.TREESCOPE_HANDLER_REGISTRY[Module] = _render_module
-type_registries.TREESCOPE_HANDLER_REGISTRY[Variable] = _render_variable
-type_registries.TREESCOPE_HANDLER_REGISTRY[State] = _render_state
-type_registries.IMMUTABLE_TYPES_REGISTRY[Module] = True
-type_registries.IMMUTABLE_TYPES_REGISTRY[Variable] = True
-
-
-def _fresh_record() -> Any:
-    return _seen.set_scoped(_Seen())
-
-
-# One record of drawn objects per rendering, whatever the root (a dict of two
-# models sharing a layer too). A renderer set up without this builder still
-# works: the outermost toylib object then opens the record (see `_once`).
-treescope.active_renderer.set_globally(
-    treescope.active_renderer.get().extended_with(context_builders=[_fresh_record])
-)
-
-
 # -- tl.display --------------------------------------------------------------------------
 
 
@@ -354,38 +169,68 @@ def display(obj: Any, path: str | os.PathLike | None = None) -> pathlib.Path | N
           dtype=None,
         )
     """
+    treescope = _load_treescope()
     if path is not None:
         target = pathlib.Path(path)
         # Not compressed: the page then needs no browser decompression API and
         # its text can be searched (grep) without a browser.
-        body = treescope.render_to_html(obj, ignore_exceptions=True, compressed=False)
+        with treescope.active_expansion_strategy.set_scoped(_unfold_modules_html):
+            body = treescope.render_to_html(obj, ignore_exceptions=True, compressed=False)
         title = html.escape(f"toylib: {type(obj).__name__}")
         target.write_text(PAGE.format(title=title, body=body), encoding="utf-8")
         return target
     if _in_notebook():
-        treescope.display(obj, ignore_exceptions=True)
+        with treescope.active_expansion_strategy.set_scoped(_unfold_modules_html):
+            treescope.display(obj, ignore_exceptions=True)
         return None
-    with treescope.active_expansion_strategy.set_scoped(_unfold_modules):
+    with treescope.active_expansion_strategy.set_scoped(_unfold_modules_text):
         print(treescope.render_to_text(obj, ignore_exceptions=True))
     return None
 
 
-def _unfold_modules(tree: Any) -> None:
-    """The text view's layout: every Module unfolded, everything else on one line if it fits.
+def _load_treescope() -> Any:
+    """treescope, with toylib's handlers loaded before the first drawing starts.
+
+    Loading them registers the renderer's per-drawing record, which then
+    covers this drawing's root too (a dict of two models sharing a layer).
+    """
+    importlib.import_module("toylib._treescope")
+    return importlib.import_module("treescope")
+
+
+HTML_WIDTH = 120  # characters per line of the HTML view before a node is unfolded
+
+
+def _unfold_modules_text(tree: Any) -> None:
+    _unfold_modules(tree, shutil.get_terminal_size((100, 24)).columns)
+
+
+def _unfold_modules_html(tree: Any) -> None:
+    _unfold_modules(tree, HTML_WIDTH)
+
+
+def _unfold_modules(tree: Any, width: int) -> None:
+    """tl.display's layout: every Module unfolded, everything else on one line if it fits.
 
     Like PyTorch's ``print(model)``, one attribute per line for each Module,
     so the structure reads top to bottom. Variables stay one line each, and
     so do bare arrays (treescope's summary, ``<jax.Array float32(3, 4) ≈0.1
     ±1.0 ...>``, rather than their values), unless a line would be wider
-    than the terminal.
+    than ``width``. treescope's own default would fold a deep Module onto
+    one line running off the page.
     """
-    layout_algorithms.expand_to_layout_marks(tree, [_MODULE_MARK], collapse_weak_others=False)
+    from treescope import layout_algorithms
+
+    from toylib._treescope import MODULE_MARK
+
+    layout_algorithms.expand_to_layout_marks(tree, [MODULE_MARK], collapse_weak_others=False)
     _prefer_folded(tree)
-    width = shutil.get_terminal_size((100, 24)).columns
     layout_algorithms.expand_for_balanced_layout(tree, max_height=None, target_width=width)
 
 
 def _prefer_folded(part: Any) -> None:
+    from treescope import rendering_parts
+
     for foldable in part.foldables_in_this_part():
         if foldable.get_expand_state().is_weak():
             foldable.set_expand_state(rendering_parts.ExpandState.WEAKLY_COLLAPSED)

@@ -13,7 +13,8 @@ call raises), which records, for every call:
 * ``sizes``: element count and bytes of its Variables by type (``Param``,
   ``BatchStat``...), everything reachable from the Module, each once,
 * ``flops``: XLA's count for that Module's call on those inputs, from
-  ``jax.jit(call).lower(...).compile().cost_analysis()``.
+  ``jax.jit(call).lower(...).compile().cost_analysis()``, with loops
+  counted in full (below).
 
 The rows are in call order (a parent before its children). A Module called
 twice has two rows. Random streams (``Rngs``, ``RngStream``) are not rows.
@@ -22,21 +23,27 @@ one step (per-example shapes and FLOPs; ``nn.Stack`` shows one block).
 The total row counts every Variable of the model once (a tied weight once,
 the stacked blocks of ``nn.Stack`` in full); its FLOPs are the whole call's.
 
-FLOPs are XLA's static estimate, which counts the body of a loop once: a
-Module whose call runs a ``scan`` or ``fori_loop`` (``nn.Stack``, ``nn.RNN``)
-shows the FLOPs of one step, and so does the total when the model is one.
+FLOPs are XLA's static estimate, which counts the body of a loop once.
+toylib adds the other iterations of every ``scan`` (whose length is
+static): a Module whose call runs one (``nn.Stack``: all ``n`` blocks;
+``nn.RNN``: every time step; ``tl.scan``, ``tl.fori_loop`` with static
+bounds) shows the FLOPs of the whole loop, and so does the total, while the
+rows inside it show one step. A ``while_loop`` (``fori_loop`` with traced
+bounds) has no static trip count: it counts one iteration, and the table's
+caption says so.
+
+Printed to something that is not a terminal (a pipe, a log file), the table
+is as wide as it needs to be rather than rich's 80 columns.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 
 from toylib._core.calls import call_path, intercept_calls
 from toylib._core.graph import merge, split
@@ -46,6 +53,10 @@ from toylib._core.variables import Param, Variable, describe_value
 from toylib.display import format_bytes, variable_sizes
 from toylib.transforms import eval_shape
 
+if TYPE_CHECKING:  # rich is imported when a table is built, not by `import toylib`
+    from rich.console import Console
+    from rich.table import Table
+
 __all__ = ["Row", "Summary", "summary"]
 
 NOT_A_MODEL = """\
@@ -54,6 +65,16 @@ Fix: pass the model, then the inputs it is called with:
 
     tl.summary(model, x)                        # or jax.ShapeDtypeStruct((8, 784), jnp.float32)
 """
+
+
+OUTER_AXIS = (
+    "FLOPs n/a: the call uses a named axis bound outside it (e.g. BatchNorm's "
+    "axis_name under tl.vmap), so it is counted only in the rows that contain it."
+)
+WHILE_COUNTED_ONCE = (
+    "FLOPs of a while_loop (a fori_loop with traced bounds) count one iteration: "
+    "its trip count is not known before it runs."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +196,7 @@ def _concrete_inputs(tree: Any) -> Any:
 # -- FLOPs ------------------------------------------------------------------------------
 
 
-def _flops(call: _Call, cache: dict) -> float | None:
+def _flops(call: _Call, cache: dict, notes: set[str]) -> float | None:
     """XLA's FLOP count for this Module call on its abstract state and inputs.
 
     None for a call that cannot be compiled on its own because it uses a
@@ -202,19 +223,72 @@ def _flops(call: _Call, cache: dict) -> float | None:
         return merge(call.graphdef, state)(*args, **kwargs)
 
     try:
-        lowered = jax.jit(run).lower(call.state, [leaves[i] for i in dynamic])
+        traced = jax.jit(run).trace(call.state, [leaves[i] for i in dynamic])
     except NameError as error:  # jax's error for an unbound axis name
         if "axis name" not in str(error):
             raise
         flops = None
     else:
-        cost = lowered.compile().cost_analysis()
-        if isinstance(cost, list | tuple):  # older jax: one dict per computation
-            cost = cost[0] if cost else {}
-        flops = float((cost or {}).get("flops", 0.0))
+        flops = _xla_flops(traced.lower()) + _loop_flops(traced.jaxpr, {}, notes)
     if key is not None:
         cache[key] = flops
     return flops
+
+
+def _xla_flops(lowered: Any) -> float:
+    cost = lowered.compile().cost_analysis()
+    if isinstance(cost, list | tuple):  # older jax: one dict per computation
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def _scan_copies_counted(length: int, unroll: int) -> int:
+    """How many copies of a scan's body XLA's count includes.
+
+    jax lowers ``scan(length, unroll=u)`` to a loop whose body holds ``u``
+    copies, run ``length // u`` times, plus ``length % u`` copies after it
+    (fully unrolled, no loop, when ``u >= length``); XLA counts a loop's body
+    once. tests/test_summary.py checks this against unrolled scans.
+    """
+    if unroll >= length:
+        return length
+    return unroll + length % unroll
+
+
+def _loop_flops(jaxpr: Any, memo: dict, notes: set[str]) -> float:
+    """The FLOPs XLA's count leaves out: the other iterations of every ``scan``.
+
+    XLA's static estimate counts the body of a loop once, so ``nn.Stack``'s
+    ``n`` blocks or ``nn.RNN``'s time steps would count as one. A scan's
+    length is static: its body's FLOPs (compiled on their own, with the
+    scans nested in it counted in full) are added for the iterations not
+    counted. A ``while_loop`` (``fori_loop`` with traced bounds) has no
+    static trip count and stays counted once, as do scans inside it or
+    inside a ``cond`` branch, whose count XLA decides.
+    """
+    from jax.extend.core import jaxpr_as_fun, jaxprs_in_params
+
+    extra = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "scan":
+            body = eqn.params["jaxpr"]
+            if id(body) not in memo:
+                invars = body.jaxpr.invars
+                avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in invars]
+                lowered = jax.jit(jaxpr_as_fun(body)).lower(*avals)
+                nested = _loop_flops(body.jaxpr, memo, notes)
+                memo[id(body)] = (_xla_flops(lowered), nested, body)
+            counted, nested, _ = memo[id(body)]
+            length, unroll = eqn.params["length"], int(eqn.params["unroll"])
+            copies = _scan_copies_counted(length, unroll)
+            extra += length * (counted + nested) - copies * counted
+        elif name == "while":
+            notes.add(WHILE_COUNTED_ONCE)
+        elif name != "cond":
+            for sub in jaxprs_in_params(eqn.params):
+                extra += _loop_flops(sub, memo, notes)
+    return extra
 
 
 # -- the table --------------------------------------------------------------------------
@@ -234,16 +308,17 @@ def _size_cell(sizes: dict[type, tuple[int, int]], kind: type) -> str:
     return f"{count:,} ({format_bytes(nbytes)})"
 
 
-def _table(title: str, rows: list[Row], total: Row, with_flops: bool) -> Table:
+def _table(title: str, rows: list[Row], total: Row, with_flops: bool, notes: set[str]) -> Table:
+    from rich.table import Table
+
     kinds: dict[type, None] = {}  # ordered set: Param first, then as they appear
     for row in [total, *rows]:
         kinds.update(dict.fromkeys(sorted(row.sizes, key=lambda t: t is not Param)))
     table = Table(title=title)
     if with_flops and any(row.flops is None for row in rows):
-        table.caption = (
-            "FLOPs n/a: the call uses a named axis bound outside it (e.g. BatchNorm's "
-            "axis_name under tl.vmap), so it is counted only in the rows that contain it."
-        )
+        notes = notes | {OUTER_AXIS}
+    if with_flops and notes:
+        table.caption = "\n".join(sorted(notes))
     # Folded, not cut with an ellipsis, when the console is narrow: a path
     # or a number is no use half shown.
     table.add_column("path", overflow="fold")
@@ -291,7 +366,8 @@ def summary(
         compute_flops: lower and compile each call to count its FLOPs
             (default True; compiling takes time on big models).
         console: the ``rich.console.Console`` to print to (default: a new
-            one, which prints to a terminal or a notebook; pass
+            one for the terminal or notebook; when stdout is not a terminal,
+            one as wide as the table, so a log file gets it unfolded; pass
             ``Console(quiet=True)`` to print nothing).
         **kwargs: keyword inputs of the model.
 
@@ -315,6 +391,7 @@ def summary(
         raise TypeError(NOT_A_MODEL.format(what=what))
     calls: list[_Call] = []
     cache: dict = {}
+    notes: set[str] = set()  # captions about the FLOPs, collected while counting
 
     def run(model: Module, inputs: tuple, kwargs: dict) -> Any:
         inputs, kwargs = _concrete_inputs((inputs, kwargs))
@@ -330,7 +407,7 @@ def summary(
             inputs=call.inputs,
             outputs=call.outputs,
             sizes=call.sizes,
-            flops=_flops(call, cache) if compute_flops else None,
+            flops=_flops(call, cache, notes) if compute_flops else None,
         )
         for call in calls
     ]
@@ -342,6 +419,22 @@ def summary(
         sizes=variable_sizes(model),
         flops=rows[0].flops if rows else None,
     )
-    table = _table(f"{type(model).__name__} summary", rows, total, compute_flops)
-    (console if console is not None else Console()).print(table)
+    table = _table(f"{type(model).__name__} summary", rows, total, compute_flops, notes)
+    (console if console is not None else _default_console(table)).print(table)
     return Summary(rows=rows, total=total, table=table)
+
+
+def _default_console(table: Table) -> Console:
+    """A console for the terminal or notebook; elsewhere (a pipe, a log file) as wide as the table.
+
+    rich folds its output to 80 columns when stdout is not a terminal, so a
+    summary redirected to a file would wrap every path and shape; there is
+    no screen edge to fit there, so the table gets its natural width.
+    """
+    from rich.console import Console
+
+    console = Console()
+    if console.is_terminal or console.is_jupyter:
+        return console
+    natural = Console(width=1_000_000).measure(table).maximum
+    return Console(width=max(natural, console.width))

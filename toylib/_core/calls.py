@@ -24,6 +24,7 @@ from toylib._core.skeleton import iter_graph
 
 __all__ = [
     "call_path",
+    "forward_hook",
     "intercept_calls",
     "labelled",
     "module_path",
@@ -99,6 +100,72 @@ def intercept_calls(wrapper: Callable) -> contextlib.AbstractContextManager[None
     made in this thread are intercepted.
     """
     return _set(_interceptors, (*_interceptors.get(), wrapper))
+
+
+def forward_hook(
+    hook: Callable[[Any, tuple, dict, Any], Any], *, filter: Callable[[Any], bool] | None = None
+) -> contextlib.AbstractContextManager[None]:
+    """Within the block, ``hook(module, args, kwargs, output)`` runs after every Module call.
+
+    PyTorch's ``register_forward_hook``, scoped to a block and to this thread
+    (another thread's calls are not seen). The hook may return a new output,
+    which replaces the call's output; ``None`` keeps it. A ``super().__call__``
+    inside an overriding ``__call__`` is one call, seen once. Hooks nest and
+    run in the order their blocks were entered (outermost first), each seeing
+    the output the previous one returned. ``filter(module)`` restricts the hook
+    to some Modules (e.g. ``lambda m: isinstance(m, nn.Linear)``).
+
+    Hooks run where Python runs the Modules: eagerly on every call, and once
+    per trace inside ``tl.jit`` (where ``output`` is a tracer). To keep values
+    out of a compiled step, record them with ``module.sow(tl.Intermediate, ...)``
+    from the hook, and ``tl.pop`` them afterwards. ``call_path(module)`` names
+    the Module by its path from the outermost one called (``model.layers[0]``).
+
+    Arguments:
+        hook: ``(module, args, kwargs, output) -> new output or None``.
+        filter: which Modules to hook (all by default).
+
+    Returns:
+        A context manager.
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> from toylib import nn
+        >>> mlp = nn.MLP([2, 3, 1], rngs=0)
+        >>> seen = []
+        >>> def record(module, args, kwargs, out):
+        ...     seen.append((tl.call_path(module), out.shape))
+        >>> with tl.forward_hook(record, filter=lambda m: isinstance(m, nn.Linear)):
+        ...     _ = mlp(jnp.ones((4, 2)))
+        >>> seen
+        [('model.layers[0]', (4, 3)), ('model.layers[1]', (4, 1))]
+    """
+
+    def wrapper(call: Callable, module: Any, args: tuple, kwargs: dict) -> Any:
+        link = _calls.get()
+        outer = link[1] if link is not None else None
+        if (outer is not None and outer[0] is module) or (
+            filter is not None and not filter(module)
+        ):
+            return call(module, *args, **kwargs)  # a super().__call__, or not hooked
+        out = _call_outer(wrapper, call, module, args, kwargs)
+        new = hook(module, args, kwargs, out)
+        return out if new is None else new
+
+    return intercept_calls(wrapper)
+
+
+def _call_outer(wrapper: Callable, call: Callable, module: Any, args: tuple, kwargs: dict) -> Any:
+    """Run the call through the interceptors installed outside ``wrapper`` (or directly).
+
+    The stack itself is left alone, so the Modules this call calls in turn
+    see every interceptor again.
+    """
+    interceptors = _interceptors.get()
+    position = interceptors.index(wrapper) if wrapper in interceptors else 0
+    if position == 0:
+        return call(module, *args, **kwargs)
+    return interceptors[position - 1](call, module, args, kwargs)
 
 
 def transform(name: str) -> contextlib.AbstractContextManager[None]:

@@ -30,7 +30,7 @@ import jax
 from jax.tree_util import GetAttrKey
 
 from toylib._core.assignment import SIMPLE, normalize
-from toylib._core.calls import track_calls
+from toylib._core.calls import call_path, track_calls
 from toylib._core.containers import LAYOUT
 from toylib._core.paths import Path, format_path
 from toylib._core.skeleton import (
@@ -50,6 +50,19 @@ from toylib._core.watchers import SLOT, changed
 __all__ = ["Module", "blank"]
 
 _MISSING = object()
+
+SOW_CLASH = """\
+{path}.sow({type}, {name!r}, ...): `{name}` already holds a {kind}, not a {type},
+so there is nothing to append to.
+Fix: sow under another name, or remove the attribute first (`tl.pop(model, tl.{type})`
+for sown values, `del module.{name}` otherwise).
+"""
+
+
+def _initial(init_fn: Callable[[], Any] | None) -> Any:
+    if init_fn is None:
+        raise TypeError("Module.sow(..., reduce_fn=...) needs init_fn, the starting value.")
+    return init_fn()
 
 
 class Module:
@@ -126,6 +139,59 @@ class Module:
         # copy and pickle take the attributes, not the caches watching them.
         return dict(vars(self))
 
+    def sow(
+        self,
+        variable_type: type[Variable],
+        name: str,
+        value: Any,
+        *,
+        reduce_fn: Callable[[Any, Any], Any] | None = None,
+        init_fn: Callable[[], Any] | None = None,
+    ) -> None:
+        """Record ``value`` in the ``variable_type`` Variable ``self.<name>``, appending.
+
+        As NNX's ``sow``: the first call creates ``variable_type((value,))``,
+        later calls append to the tuple (or, with ``reduce_fn``, store
+        ``reduce_fn(current, value)``, starting from ``init_fn()``). Inside
+        ``tl.jit`` and the other transforms the new Variable appears on the
+        caller's Module afterwards; take the values out with ``tl.pop``.
+
+        Arguments:
+            variable_type: the Variable type, typically ``tl.Intermediate``.
+            name: the attribute name.
+            value: what to record.
+            reduce_fn, init_fn: combine values instead of appending.
+
+        Example:
+            >>> import jax.numpy as jnp, toylib as tl
+            >>> class Block(tl.Module):
+            ...     def __call__(self, x):
+            ...         self.sow(tl.Intermediate, "acts", x * 2)
+            ...         return x
+            >>> block = Block()
+            >>> _ = tl.jit(lambda b, x: b(x))(block, jnp.ones(2))
+            >>> _ = block(jnp.zeros(2))
+            >>> [a.tolist() for a in tl.pop(block, tl.Intermediate).acts.value]
+            [[2.0, 2.0], [0.0, 0.0]]
+        """
+        current = vars(self).get(name, _MISSING)
+        if current is _MISSING:
+            start = (value,) if reduce_fn is None else reduce_fn(_initial(init_fn), value)
+            setattr(self, name, variable_type(start))
+        elif isinstance(current, variable_type):
+            old = current.value
+            current.value = (*old, value) if reduce_fn is None else reduce_fn(old, value)
+        else:
+            kind = type(current).__name__
+            raise TypeError(
+                SOW_CLASH.format(
+                    path=call_path(self),
+                    name=name,
+                    kind=kind,
+                    type=variable_type.__name__,
+                )
+            )
+
     def train(self) -> Module:
         """Training mode: ``deterministic=False``, ``use_running_average=False``.
 
@@ -148,6 +214,12 @@ class Module:
 
     def __repr__(self) -> str:
         return _repr(self, 0, {}, ())
+
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        # treescope's protocol: toylib's handlers (and treescope) load on first use.
+        from toylib import _treescope
+
+        return _treescope.render_module(self, path, subtree_renderer)
 
 
 def blank(cls: type) -> Any:

@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,9 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from toylib._core.module import Module
+from toylib._core.skeleton import iter_graph
 from toylib._core.variables import RngState
 
-__all__ = ["RngStream", "Rngs", "as_key", "as_rngs"]
+__all__ = ["RngStream", "Rngs", "SplitRngs", "as_key", "as_rngs", "split_rngs"]
 
 UNKNOWN_STREAM = """\
 Rngs has no stream {name!r} and no 'default' stream to fall back on
@@ -87,6 +90,20 @@ class RngStream(Module):
             new = new.reshape(key.shape)
         self.count.value = count + 1
         return new
+
+    def normal(self, shape: tuple[int, ...] = (), dtype: Any = jnp.float32) -> jax.Array:
+        """Standard normal values drawn with a fresh key from this stream."""
+        return jax.random.normal(self(), shape, dtype)
+
+    def uniform(
+        self,
+        shape: tuple[int, ...] = (),
+        dtype: Any = jnp.float32,
+        minval: float = 0.0,
+        maxval: float = 1.0,
+    ) -> jax.Array:
+        """Uniform values in ``[minval, maxval)`` drawn with a fresh key from this stream."""
+        return jax.random.uniform(self(), shape, dtype, minval, maxval)
 
     def split(self, n: int) -> RngStream:
         """A new stream holding ``n`` independent keys (for vmapped init)."""
@@ -152,13 +169,54 @@ class Rngs(Module):
         """The streams by name."""
         return {k: v for k, v in vars(self).items() if isinstance(v, RngStream)}
 
-    def split(self, n: int) -> Rngs:
-        """New Rngs whose every stream holds ``n`` keys: vmap a constructor over it."""
-        return Rngs(**{name: stream.split(n) for name, stream in self.streams().items()})
+    def split(self, n: int | dict[str, int]) -> Rngs:
+        """New Rngs whose streams hold ``n`` keys each: vmap a constructor over it.
+
+        ``n`` may be a dict ``{stream name: n}``: those streams are split, the
+        others forked (independent, one key each).
+
+        Example:
+            >>> import toylib as tl
+            >>> rngs = tl.Rngs(params=0, dropout=1).split({"dropout": 3})
+            >>> rngs.dropout.key.shape, rngs.params.key.shape
+            ((3,), ())
+        """
+        counts = n if isinstance(n, dict) else dict.fromkeys(self.streams(), n)
+        unknown = sorted(set(counts) - set(self.streams()))
+        if unknown:
+            raise ValueError(
+                UNKNOWN_STREAM.format(name=unknown[0], streams=sorted(self.streams()) or "none")
+            )
+        return Rngs(
+            **{
+                name: stream.split(counts[name]) if name in counts else stream.fork()
+                for name, stream in self.streams().items()
+            }
+        )
 
     def fork(self) -> Rngs:
         """New, independent Rngs with the same stream names."""
         return Rngs(**{name: stream.fork() for name, stream in self.streams().items()})
+
+    def normal(self, shape: tuple[int, ...] = (), dtype: Any = jnp.float32) -> jax.Array:
+        """Standard normal values from the ``default`` stream (``rngs.<name>.normal`` for another).
+
+        Example:
+            >>> import toylib as tl
+            >>> tl.Rngs(0).normal((2, 3)).shape
+            (2, 3)
+        """
+        return self.default.normal(shape, dtype)
+
+    def uniform(
+        self,
+        shape: tuple[int, ...] = (),
+        dtype: Any = jnp.float32,
+        minval: float = 0.0,
+        maxval: float = 1.0,
+    ) -> jax.Array:
+        """Uniform values in ``[minval, maxval)`` from the ``default`` stream."""
+        return self.default.uniform(shape, dtype, minval, maxval)
 
 
 def as_rngs(rngs: Any, where: str = "rngs") -> Rngs:
@@ -168,3 +226,122 @@ def as_rngs(rngs: Any, where: str = "rngs") -> Rngs:
     if isinstance(rngs, RngStream):
         return Rngs(rngs)
     return Rngs(as_key(rngs, where))
+
+
+ALREADY_SPLIT = """\
+tl.split_rngs: stream {tag!r} at `{path}` already holds keys of shape {shape}
+(it is split already, by an enclosing tl.split_rngs or by Rngs.split).
+Fix: split once, with the batch size of the vmap or the length of the scan.
+"""
+
+NO_STREAMS = """\
+tl.split_rngs: found no Rngs stream{which} in the {kind} given.
+Fix: pass the model (or Rngs) whose streams the vmapped or scanned call draws from,
+e.g. `with tl.split_rngs(model, 4): ...`.
+"""
+
+
+class SplitRngs:
+    """What ``tl.split_rngs`` returns: a context manager, and a decorator. See ``split_rngs``."""
+
+    def __init__(self, node: Any, n: int, only: Any) -> None:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"tl.split_rngs: n must be a positive int, got {n!r}.")
+        self.node, self.n, self.only = node, n, only
+        self._saved: list[list[tuple[RngStream, Any, Any]]] = []
+
+    def _streams(self, node: Any) -> list[tuple[str, RngStream]]:
+        only = self.only
+        names = None if only is Ellipsis else {only} if isinstance(only, str) else set(only)
+        found = [
+            (".".join(map(str, path)) or "rngs", obj)
+            for path, obj in iter_graph(node)
+            if isinstance(obj, RngStream) and (names is None or obj.tag in names)
+        ]
+        if not found:
+            which = "" if names is None else f" named {sorted(names)}"
+            raise ValueError(NO_STREAMS.format(which=which, kind=type(node).__name__))
+        return found
+
+    def __enter__(self) -> Any:
+        streams = self._streams(self.node)
+        for path, stream in streams:
+            if stream.key.value.ndim != 0:
+                raise ValueError(
+                    ALREADY_SPLIT.format(tag=stream.tag, path=path, shape=stream.key.value.shape)
+                )
+        saved = []
+        for _, stream in streams:
+            keys = jax.random.split(stream(), self.n)  # advances the stream once
+            saved.append((stream, stream.key.value, stream.count.value))
+            stream.key.value = keys
+            stream.count.value = jnp.zeros((self.n,), jnp.uint32)
+        self._saved.append(saved)
+        return self.node
+
+    def __exit__(self, *exc: Any) -> None:
+        for stream, key, count in self._saved.pop():
+            stream.key.value = key
+            stream.count.value = count
+
+    def __call__(self, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with self:
+                return fn(*args, **kwargs)
+
+        return run
+
+
+class _SplitArguments:
+    """``@tl.split_rngs(n=4)``: split the streams found in each call's arguments."""
+
+    def __init__(self, n: int, only: Any) -> None:
+        self.n, self.only = n, only
+
+    def __call__(self, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            with SplitRngs((args, kwargs), self.n, self.only):
+                return fn(*args, **kwargs)
+
+        return run
+
+
+def split_rngs(node: Any = None, n: int | None = None, *, only: Any = ...) -> Any:
+    """Give each vmapped example (or scanned step) its own keys, for a block or a call.
+
+    Within the block every Rngs stream of ``node`` (or those named in
+    ``only``) holds ``n`` keys, split from one fresh key of the stream; map
+    them with ``tl.StateAxes({tl.RngState: 0, ...: None})`` in ``tl.vmap``'s
+    (or ``tl.scan``'s) in_axes, so that example ``i`` draws from key ``i``.
+    Afterwards the streams hold their own key again, advanced by one draw, so
+    the next block gets new keys.
+
+    Arguments:
+        node: a Module (or Rngs, or a pytree of them). Leave it out to use as
+            a decorator that splits the streams of each call's arguments:
+            ``@tl.split_rngs(n=4)``.
+        n: the number of keys: the vmapped batch size or the scan length.
+        only: a stream name or names to split (default: all).
+
+    Returns:
+        A context manager (also usable as a decorator).
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> from toylib import nn
+        >>> drop = nn.Dropout(0.5, rngs=0)
+        >>> axes = (tl.StateAxes({tl.RngState: 0, ...: None}), 0)
+        >>> with tl.split_rngs(drop, 4):
+        ...     y = tl.vmap(lambda d, x: d(x), in_axes=axes)(drop, jnp.ones((4, 8)))
+        >>> len({tuple(row) for row in y.tolist()}) > 1     # a different mask per example
+        True
+        >>> drop.rngs.key.shape                               # restored
+        ()
+    """
+    if n is None:
+        raise TypeError("tl.split_rngs needs n, the number of keys: tl.split_rngs(model, n=4).")
+    if node is None:
+        return _SplitArguments(n, only)
+    return SplitRngs(node, n, only)

@@ -129,6 +129,12 @@ class State(MutableMapping):
     def __repr__(self) -> str:
         return _repr(self, 0)
 
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        # treescope's protocol: toylib's handlers (and treescope) load on first use.
+        from toylib import _treescope
+
+        return _treescope.render_state(self, path, subtree_renderer)
+
 
 def _flat_items(state: State, prefix: Path) -> Iterator[tuple[Path, Any]]:
     for key, value in state._mapping.items():

@@ -26,7 +26,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import get_opaque_trace_state
+
+# jax.extend.core re-exports this function from jax._src.core; importing
+# jax.extend also imports Pallas (~0.1 s, a quarter of `import toylib`).
+from jax._src.core import get_opaque_trace_state
 from jax.tree_util import GetAttrKey
 
 from toylib._core.watchers import changed
@@ -138,6 +141,65 @@ class Variable:
         """A copy of the metadata as a dict."""
         return dict(self._metadata)
 
+    def get_value(self) -> Any:
+        """The held value (NNX's accessor; the same as ``v.value``)."""
+        return self._value
+
+    def set_value(self, value: Any) -> None:
+        """Set the held value in place (NNX's accessor; the same as ``v.value = value``)."""
+        self.value = value
+
+    def get_metadata(self, name: str | None = None, default: Any = _KEEP) -> Any:
+        """All metadata as a dict, or the entry ``name`` (``default`` if absent and given).
+
+        Example:
+            >>> import jax.numpy as jnp, toylib as tl
+            >>> w = tl.Param(jnp.ones(2), sharding=("embed",))
+            >>> w.get_metadata(), w.get_metadata("sharding"), w.get_metadata("tag", None)
+            ({'sharding': ('embed',)}, ('embed',), None)
+        """
+        if name is None:
+            return dict(self._metadata)
+        if name in self._metadata:
+            return self._metadata[name]
+        if default is not _KEEP:
+            return default
+        raise KeyError(
+            f"{type(self).__name__} has no metadata {name!r} (it has: "
+            f"{sorted(self._metadata) or 'none'}). Fix: set it with v.set_metadata({name}=...)."
+        )
+
+    def set_metadata(self, *args: Any, **metadata: Any) -> None:
+        """Add or change metadata in place: ``v.set_metadata(tag="a")`` or ``("tag", "a")``.
+
+        Metadata is structure (it keys the compilation cache), so this is a
+        structural change: ``tl.jit`` functions that saw this Variable compile
+        anew on their next call.
+
+        Example:
+            >>> import jax.numpy as jnp, toylib as tl
+            >>> w = tl.Param(jnp.ones(2))
+            >>> w.set_metadata(sharding=("embed",))
+            >>> w.sharding
+            ('embed',)
+        """
+        if args:
+            if len(args) != 2 or metadata:
+                raise TypeError(
+                    "Variable.set_metadata takes (name, value) or keywords: "
+                    "v.set_metadata('tag', 1) or v.set_metadata(tag=1)."
+                )
+            metadata = {args[0]: args[1]}
+        for name, item in metadata.items():
+            if name in Variable.__dict__ or name == "value":
+                raise ValueError(
+                    f"Variable.set_metadata: {name!r} is a Variable attribute, not a metadata "
+                    "name. Fix: choose another name."
+                )
+            _check_metadata(type(self), name, item)
+        self._metadata.update(metadata)
+        changed(self)  # metadata is structure: it keys the jit cache
+
     def replace(self, value: Any = _KEEP, **metadata: Any) -> Variable:
         """A new Variable of the same type; the value and metadata given override.
 
@@ -235,13 +297,35 @@ class Variable:
         parts += [f"{k}={v!r}" for k, v in self._metadata.items()]
         return f"{type(self).__name__}({', '.join(parts)})"
 
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any) -> Any:
+        # treescope's protocol: toylib's handlers (and treescope) load on first use.
+        from toylib import _treescope
+
+        return _treescope.render_variable(self, path, subtree_renderer)
+
+
+RAW_TRANSFORM = """\
+{where}: this {cls} is being set inside a raw jax transform that is tracing now
+(jax.jit, jax.experimental.checkify, jax.vmap...), but it was created outside
+it: either the function closed over it, or the Module holding it was passed to
+the raw transform, which cannot carry in-place updates (BatchNorm statistics,
+Rngs counters) back out. The update would be lost.
+Fix: use toylib's transform, which carries the change out, and pass the Module
+as an argument: tl.jit, tl.checkify (for jax.experimental.checkify), tl.vmap,
+tl.scan, tl.grad... e.g.
+
+    err, out = tl.checkify(step)(model, x)     # not checkify.checkify(step)
+"""
+
 
 def _outside_trace(variable: Variable) -> str:
     from toylib._core import calls  # calls.py builds on the graph walker, which needs us
 
     path = calls.find_path(variable)
     where = path if path is not None else f"a {describe_value(variable._value)}"
-    transform = calls.transform_name() or "the jax transform"
+    transform = calls.transform_name()
+    if transform is None:
+        return RAW_TRANSFORM.format(where=where, cls=type(variable).__name__)
     return OUTSIDE_TRACE.format(where=where, cls=type(variable).__name__, transform=transform)
 
 

@@ -39,6 +39,7 @@ from toylib.nn.attention import (
 )
 from toylib.nn.containers import MLP, Sequential, Stack
 from toylib.nn.conv import Conv, ConvTranspose
+from toylib.nn.decoding import init_cache, set_decode
 from toylib.nn.dropout import Dropout
 from toylib.nn.einsum import Einsum, LinearGeneral, MergeHeads, ProjectHeads
 from toylib.nn.ema import EMA
@@ -90,6 +91,7 @@ __all__ = [
     "gelu",
     "glu",
     "hard_tanh",
+    "init_cache",
     "initializers",
     "leaky_relu",
     "log_sigmoid",
@@ -102,6 +104,7 @@ __all__ = [
     "relu",
     "relu6",
     "selu",
+    "set_decode",
     "sigmoid",
     "silu",
     "soft_sign",

@@ -97,6 +97,15 @@ DECODE_K_LENGTH = """\
 the query's positions, so k and v must have the query's length ({q_len}), got {k_len}.
 """
 
+CACHE_FULL = """\
+{where}: the KV cache is full: it holds {max_len} positions, {index} are written,
+and {new} new token(s) would go past its end.
+Fix: allocate a longer cache (prompt + generated tokens), or start a new sequence:
+
+    nn.init_cache(model, {batch}, max_length)           # every attention layer, or
+    attn.init_cache(({batch_text}max_length, {features}))   # this layer only
+"""
+
 BAD_CACHE_SHAPE = """\
 MultiHeadAttention.init_cache: expected a shape (*batch, max_length, {features}),
 got {shape}.
@@ -163,6 +172,15 @@ def make_causal_mask(tokens: Shaped[ArrayLike, "*batch length"]) -> Bool[Array, 
     return jnp.broadcast_to(causal, (*shape[:-1], 1, shape[-1], shape[-1]))
 
 
+def _causal(q_len: int, kv_len: int) -> Bool[Array, "q kv"]:
+    # Query i sees key j <= i (self-attention: q_len == kv_len).
+    return jnp.arange(q_len)[:, None] >= jnp.arange(kv_len)[None, :]
+
+
+def _and_mask(mask: Any, extra: Array) -> Array:
+    return extra if mask is None else jnp.logical_and(jnp.asarray(mask), extra)
+
+
 # -- attention functions ------------------------------------------------------------------
 
 
@@ -209,14 +227,8 @@ def dot_product_attention_weights(
     if bias is not None:
         logits = logits + jnp.asarray(bias, logits.dtype)
     if mask is not None:
-        mask = jnp.asarray(mask)
-        try:
-            fits = jnp.broadcast_shapes(mask.shape, logits.shape) == logits.shape
-        except ValueError:
-            fits = False
-        if not fits:
-            raise ValueError(BAD_MASK.format(mask=mask.shape, weights=logits.shape))
-        logits = jnp.where(mask.astype(jnp.bool_), logits, jnp.finfo(logits.dtype).min)
+        mask = _checked_mask(mask, logits.shape)
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     return jax.nn.softmax(logits, axis=-1).astype(compute)
 
 
@@ -279,6 +291,17 @@ def dot_product_attention(
         scaled = weights / jnp.asarray(1.0 - dropout_rate, weights.dtype)
         weights = jnp.where(keep, scaled, jnp.zeros((), weights.dtype))
     return jnp.einsum("...hqk,...khd->...qhd", weights, value)
+
+
+def _checked_mask(mask: Any, weights_shape: tuple[int, ...]) -> Array:
+    mask = jnp.asarray(mask)
+    try:
+        fits = jnp.broadcast_shapes(mask.shape, weights_shape) == weights_shape
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(BAD_MASK.format(mask=mask.shape, weights=weights_shape))
+    return mask.astype(jnp.bool_)
 
 
 # -- projections --------------------------------------------------------------------------
@@ -422,11 +445,26 @@ class MultiHeadAttention(Module):
     covers the cache: it broadcasts to ``(*batch, heads, n, max_length)``
     (e.g. to hide padded prompt positions). ``k``/``v``, if given, must have
     the new tokens' length (decoding is for self-attention). Inside
-    ``tl.jit`` the cache is updated in place and carried out. Writing past
-    ``max_length`` is not
-    detected (the index is usually traced, and checking it would block on
-    the device): ``lax.dynamic_update_slice`` then clamps the write to the
-    last positions, so keep count of the tokens yourself.
+    ``tl.jit`` the cache is updated in place and carried out.
+
+    Writing past ``max_length`` is an error outside a transform, where
+    ``cache_index`` is a concrete number. Inside ``tl.jit`` (or a
+    ``tl.fori_loop``/``tl.scan``) the index is traced and is not checked:
+    checking would need a host callback on every step. There
+    ``lax.dynamic_update_slice`` clamps the write to the last positions, so
+    the new tokens overwrite the end of the cache and the outputs are wrong
+    without a warning: size the cache for prompt + generated tokens.
+
+    ``causal=True`` makes self-attention causal without a mask argument:
+    query ``i`` sees keys ``j <= i``, and in decode mode every new token sees
+    the cache up to its own position. The same model code then serves
+    training, a multi-token prefill and token-by-token decoding, and no
+    ``(L, L)`` mask is built or passed. A ``mask`` given as well is combined
+    with it (both must keep a pair).
+
+    ``nn.init_cache(model, batch, max_length)`` and ``nn.set_decode(model)``
+    do the two decoding steps for every attention layer of a whole model,
+    inside ``nn.Stack`` too.
 
     Arguments:
         num_heads: number of attention heads.
@@ -442,6 +480,7 @@ class MultiHeadAttention(Module):
             projected queries and keys, ``query_ln``/``key_ln`` (QK
             normalisation, Dehghani et al. 2023: steadier training at high
             learning rates). Default False.
+        causal: mask future positions (self-attention), see above (default False).
         deterministic: start in evaluation mode (default False, training).
         decode: start in decoding mode (default False).
         use_bias: biases in the four projections (default True).
@@ -485,6 +524,7 @@ class MultiHeadAttention(Module):
         dropout_rate: float = 0.0,
         broadcast_dropout: bool = True,
         normalize_qk: bool = False,
+        causal: bool = False,
         deterministic: bool = False,
         decode: bool = False,
         use_bias: bool = True,
@@ -533,6 +573,7 @@ class MultiHeadAttention(Module):
         self.head_dim = head_dim
         self.dropout_rate = dropout_rate
         self.broadcast_dropout = broadcast_dropout
+        self.causal = causal
         self.deterministic = deterministic
         self.decode = decode
         self.dtype = dtype
@@ -565,6 +606,8 @@ class MultiHeadAttention(Module):
             query, key = self.query_ln(query), self.key_ln(key)
         if self.decode:
             key, value, mask = self._decode_step(key, value, mask)
+        elif self.causal:
+            mask = _and_mask(mask, _causal(query.shape[-3], key.shape[-3]))
         deterministic = self.deterministic if deterministic is None else deterministic
         rate = 0.0 if deterministic else self.dropout_rate
         dropout_rng = self._dropout_key(rngs) if 0.0 < rate < 1.0 else None
@@ -624,6 +667,22 @@ class MultiHeadAttention(Module):
                     where=where, batch=tuple(batch), max_len=max_len, shape=k_shape
                 )
             )
+        index = self.cache_index.value
+        # Outside a transform the index is a concrete number: check it (the
+        # eager call computes on the spot anyway). A traced index is left
+        # alone: see the class docstring.
+        if not isinstance(index, jax.core.Tracer) and int(index) + k_shape[-2] > max_len:
+            raise ValueError(
+                CACHE_FULL.format(
+                    where=where,
+                    index=int(index),
+                    new=k_shape[-2],
+                    max_len=max_len,
+                    batch=batch[0] if len(batch) == 1 else tuple(batch),
+                    batch_text="".join(f"{b}, " for b in batch),
+                    features=self.in_features,
+                )
+            )
 
     def _decode_step(self, key: Array, value: Array, mask: Any) -> tuple[Array, Array, Array]:
         """Write the new keys/values at ``cache_index``; return the cache and the mask over it."""
@@ -646,8 +705,7 @@ class MultiHeadAttention(Module):
         # up to its own, and neither later new tokens nor the unwritten zeros.
         positions = index + jnp.arange(new)
         visible = jnp.arange(max_len)[None, :] <= positions[:, None]  # (new, max_len)
-        mask = visible if mask is None else jnp.logical_and(jnp.asarray(mask), visible)
-        return cached_key, cached_value, mask
+        return cached_key, cached_value, _and_mask(mask, visible)
 
     def _dropout_key(self, rngs: Any) -> jax.Array:
         if isinstance(rngs, Rngs):

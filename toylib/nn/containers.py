@@ -133,6 +133,12 @@ class Stack(Module):
             ``tl.vmap`` with per-block random streams.
         n: the number of blocks.
         rngs: ``tl.Rngs``, an int seed or a key.
+        unroll: blocks per loop iteration, passed to ``jax.lax.scan``
+            (default 1; ``True`` or ``n`` unrolls the whole loop). A plain
+            attribute, settable later. Unrolling trades compile time for
+            step time: XLA:CPU runs a scanned loop markedly slower than the
+            same blocks unrolled (benchmarks/README.md measures both), while
+            compile time grows with the number of blocks in one iteration.
 
     Returns:
         A Module; ``stack(x, *args, **kwargs)`` computes
@@ -140,8 +146,10 @@ class Stack(Module):
         the same for every block (e.g. a mask); each block must return
         an ``x`` of the shape and dtype it was given.
 
-    To do something to every block (e.g. allocate a KV cache), vmap over
-    them: ``tl.vmap(lambda b: b.attn.init_cache(shape))(stack.blocks)``.
+    To do something to every block, vmap over them:
+    ``tl.vmap(lambda b: b.attn.init_cache(shape))(stack.blocks)``;
+    ``nn.init_cache(model, batch, max_length)`` does exactly that for the KV
+    caches of a whole model.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -154,13 +162,25 @@ class Stack(Module):
     """
 
     def __init__(
-        self, make_block: Callable[[Rngs], Module], n: int, *, rngs: Rngs | int | jax.Array
+        self,
+        make_block: Callable[[Rngs], Module],
+        n: int,
+        *,
+        rngs: Rngs | int | jax.Array,
+        unroll: int | bool = 1,
     ) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"Stack(n={n!r}): n must be a positive int (the number of blocks).")
+        whole = unroll is True
+        if not whole and (isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1):
+            raise ValueError(
+                f"Stack(unroll={unroll!r}): give a positive int (blocks per loop "
+                "iteration) or True (unroll all of them)."
+            )
         rngs = as_rngs(rngs, "Stack(rngs=...)")
         self.blocks = vmap(make_block)(rngs.split(n))
         self.n = n
+        self.unroll = unroll
 
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         def body(x: Any, block: Module, *args: Any) -> tuple[Any, None]:
@@ -172,7 +192,7 @@ class Stack(Module):
         # Extra arguments are broadcast (axis None), not closed over, so a
         # Module among them may still update its state inside.
         in_axes = (Carry, 0, *([None] * len(args)))
-        x, _ = scan(body, in_axes=in_axes)(x, self.blocks, *args)
+        x, _ = scan(body, in_axes=in_axes, unroll=self.unroll)(x, self.blocks, *args)
         return x
 
     def __len__(self) -> int:

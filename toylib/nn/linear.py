@@ -13,7 +13,7 @@ from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
 from toylib._core.variables import Param
 from toylib.nn.checks import check_features
-from toylib.nn.dtypes import promote_dtype
+from toylib.nn.dtypes import as_array, promote_dtype
 
 __all__ = ["Embed", "Identity", "Linear", "default_embed_init", "default_kernel_init"]
 
@@ -69,7 +69,7 @@ class Linear(Module):
         self.dtype = dtype
 
     def __call__(self, x: Float[ArrayLike, "*batch in"]) -> Float[Array, "*batch out"]:
-        x = jnp.asarray(x)
+        x = as_array(x)
         check_features(self, x.shape, self.in_features)
         bias = None if self.bias is None else self.bias.value
         x, kernel, bias = promote_dtype(x, self.kernel.value, bias, dtype=self.dtype)
@@ -165,7 +165,7 @@ class Embed(Module):
         self.dtype = dtype
 
     def __call__(self, ids: Int[ArrayLike, "*ids"]) -> Float[Array, "*ids features"]:
-        ids = jnp.asarray(ids)
+        ids = as_array(ids)
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise TypeError(
                 NOT_INTEGER_IDS.format(where=module_path(self), dtype=ids.dtype, shape=ids.shape)
@@ -182,7 +182,7 @@ class Embed(Module):
         Returns:
             ``(*batch, num_embeddings)`` scores, one per row of the table.
         """
-        query = jnp.asarray(query)
+        query = as_array(query)
         check_features(self, query.shape, self.features, name="features")
         query, embedding = promote_dtype(query, self.embedding.value, dtype=self.dtype)
         return query @ embedding.T

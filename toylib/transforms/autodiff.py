@@ -18,7 +18,6 @@ from toylib.transforms.lifting import (
     flatten_result,
     interleave,
     is_graph_node,
-    named,
     unflatten_call,
     write_back,
 )
@@ -138,7 +137,7 @@ class Differentiated(Transform):
         chosen_set = set(chosen)
         others = [i for i in range(len(flat.values)) if i not in chosen_set]
         specs: list = []
-        pure = named(self._pure(flat, chosen, others, specs), self._fn)
+        pure = self._pure(flat, chosen, others, specs)
         diff = [flat.values[i] for i in chosen]
         rest = [flat.values[i] for i in others]
         (loss, returned), grads = jax.value_and_grad(pure, has_aux=True)(diff, rest)
@@ -200,6 +199,10 @@ class Differentiated(Transform):
             specs.append(spec)
             return loss, returned
 
+        # Named like the user's function (profiles, compiled programs). Renamed
+        # in place rather than wrapped by `named`: jax reads the signature of
+        # what it differentiates on every call, and a *args wrapper costs more.
+        pure.__name__ = pure.__qualname__ = getattr(self._fn, "__name__", "fn")
         return pure
 
 

@@ -24,7 +24,7 @@ from toylib._core import graph
 from toylib._core.filters import check_catch_all_last, filter_repr, to_predicate
 from toylib._core.paths import Path, format_path
 from toylib._core.skeleton import iter_graph
-from toylib._core.variables import Variable
+from toylib._core.variables import RngState, Variable
 from toylib.transforms.lifting import (
     Flat,
     OutSpec,
@@ -34,6 +34,7 @@ from toylib.transforms.lifting import (
     flatten_result,
     interleave,
     is_graph_node,
+    reraise_check,
     unflatten_call,
     write_back,
 )
@@ -217,6 +218,36 @@ def _check_in_axes(in_axes: Any, caller: str, scan: bool) -> None:
             )
 
 
+INCONSISTENT_SIZES = """\
+{caller}: the mapped axes have different sizes:
+{sizes}
+Every leaf mapped over must have the batch size along its axis.{rng_hint}
+"""
+
+SPLIT_RNGS_HINT = """
+Fix: give the Rngs streams one key per example, as many as the batch:
+`with tl.split_rngs(model, n=batch_size): ...`, or do not map their RngState
+(`tl.StateAxes({...: None})`)."""
+
+
+def _sizes_message(flat: Flat, axes: list[Any], caller: str) -> str:
+    """INCONSISTENT_SIZES: which leaves have which size along their mapped axis."""
+    by_size: dict[int, list[int]] = {}
+    for i, axis in enumerate(axes):
+        if isinstance(axis, int):
+            shape = getattr(flat.values[i], "shape", ())
+            if len(shape) > axis:
+                by_size.setdefault(shape[axis], []).append(i)
+    lines = []
+    for size, leaves in by_size.items():
+        names = ", ".join(f"`{flat.describe(flat.paths[i])}`" for i in leaves[:3])
+        more = f" and {len(leaves) - 3} more" if len(leaves) > 3 else ""
+        lines.append(f"  size {size}: {names}{more}")
+    rng = any(isinstance(flat.leaves[i], RngState) for ls in by_size.values() for i in ls)
+    hint = SPLIT_RNGS_HINT if rng else ""
+    return INCONSISTENT_SIZES.format(caller=caller, sizes="\n".join(lines), rng_hint=hint)
+
+
 def _arg_specs(in_axes: Any, n_args: int, caller: str, scan: bool) -> dict[Any, Any]:
     """``{argument position: its in_axes entry}`` (keyword arguments, absent, get 0)."""
     if not isinstance(in_axes, list | tuple):
@@ -247,6 +278,8 @@ def _check_one_axis(flat: Flat, specs: dict[Any, Any], caller: str) -> None:
     without this check the first argument's axis would silently win.
     """
     tops = [t for t, top in enumerate(flat.tops) if is_graph_node(top)]
+    if len(tops) < 2:
+        return  # one argument holds every object (the usual case): no walk needed
     reach = {t: {id(node): (path, node) for path, node in iter_graph(flat.tops[t])} for t in tops}
     count = Counter(key for nodes in reach.values() for key in nodes)
     if all(n == 1 for n in count.values()):
@@ -333,7 +366,14 @@ class Vmapped(Transform):
         _check_one_axis(flat, specs, self.label)
         groups = self._groups(axes, specs)
         record: list[tuple[OutSpec, list[int]]] = []
-        traced = functools.partial(self._traced, flat, specs, axes, groups, record)
+
+        # A one-argument closure under the user's name, not a partial: jax
+        # reads the signature of what it vmaps on every call (for its error
+        # messages), and a partial of a bound method costs 3x as much to read.
+        def traced(values: list) -> tuple:
+            return self._traced(flat, specs, axes, groups, record, values)
+
+        traced.__name__ = traced.__qualname__ = getattr(self._fn, "__name__", "fn")
         vmapped = jax.vmap(
             traced,
             in_axes=(axes,),
@@ -341,7 +381,12 @@ class Vmapped(Transform):
             axis_size=self._axis_size,
             axis_name=self._axis_name,
         )
-        placed = vmapped(list(flat.values))
+        try:
+            placed = vmapped(list(flat.values))
+        except ValueError as error:
+            if "inconsistent sizes" in str(error):
+                raise ValueError(_sizes_message(flat, axes, self.label)) from None
+            raise
         spec, where = record[-1]
         grouped = [iter(group) for group in placed]
         return write_back(spec, flat, [next(grouped[g]) for g in where])
@@ -570,13 +615,17 @@ class Scanned(Transform):
         scanned = [i for i, axis in enumerate(axes) if not _is_carried(axis)]
         record: list[tuple[OutSpec, list]] = []
         body = functools.partial(self._body, flat, axes, carried, scanned, carry_arg, record)
-        final, stacked = jax.lax.scan(
-            body,
-            [flat.values[i] for i in carried],
-            # lax.scan scans the leading axis: bring each leaf's axis there.
-            [_move(flat.values[i], axes[i], 0) for i in scanned],
-            **self._scan_kwargs,
-        )
+        try:
+            final, stacked = jax.lax.scan(
+                body,
+                [flat.values[i] for i in carried],
+                # lax.scan scans the leading axis: bring each leaf's axis there.
+                [_move(flat.values[i], axes[i], 0) for i in scanned],
+                **self._scan_kwargs,
+            )
+        except Exception as error:  # a failed tl.error_if, run eagerly
+            reraise_check(error)
+            raise
         spec, where = record[-1]
         returned = [final[j] if axis is None else _move(stacked[j], 0, axis) for axis, j in where]
         args_tops, ys = write_back(spec, flat, returned, with_tops=True)

@@ -1,4 +1,4 @@
-"""tl.remat, tl.cond, tl.switch, tl.fori_loop, tl.eval_shape: the stateful versions."""
+"""tl.remat, tl.cond, tl.switch, tl.fori_loop, tl.while_loop, tl.eval_shape: stateful versions."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from toylib.transforms.lifting import (
     OutSpec,
@@ -13,14 +14,16 @@ from toylib.transforms.lifting import (
     call_inside,
     flatten_call,
     flatten_result,
+    is_graph_node,
     layout_of,
     named,
+    reraise_check,
     unflatten_call,
     write_back,
     write_values,
 )
 
-__all__ = ["Rematted", "cond", "eval_shape", "fori_loop", "remat", "switch"]
+__all__ = ["Rematted", "cond", "eval_shape", "fori_loop", "remat", "switch", "while_loop"]
 
 BRANCH_STRUCTURE = """\
 {caller}: the branches leave the operands with different structures (one adds,
@@ -139,6 +142,9 @@ def switch(index: Any, branches: Sequence[Callable], *operands: Any) -> Any:
     except TypeError:  # jax compares the branches first: say what differs in toylib terms
         _check_same(record[-len(branches) :], "tl.switch")
         raise
+    except Exception as error:  # a failed tl.error_if, run eagerly
+        reraise_check(error)
+        raise
     _check_same(record[-len(branches) :], "tl.switch")
     return write_back(record[-1], flat, returned)
 
@@ -165,6 +171,9 @@ def cond(pred: Any, true_fn: Callable, false_fn: Callable, *operands: Any) -> An
         returned = jax.lax.cond(pred, pure_true, pure_false, list(flat.values))
     except TypeError:  # jax compares the branches first: say what differs in toylib terms
         _check_same(record[-2:], "tl.cond")
+        raise
+    except Exception as error:  # a failed tl.error_if, run eagerly
+        reraise_check(error)
         raise
     _check_same(record[-2:], "tl.cond")
     return write_back(record[-1], flat, returned)
@@ -205,9 +214,116 @@ def fori_loop(
             raise ValueError(LOOP_STRUCTURE)
         return new_values
 
-    final = jax.lax.fori_loop(lower, upper, body, list(flat.values), unroll=unroll)
+    try:
+        final = jax.lax.fori_loop(lower, upper, body, list(flat.values), unroll=unroll)
+    except Exception as error:  # a failed tl.error_if, run eagerly
+        reraise_check(error)
+        raise
     (out,), _ = write_values(flat, final)
     return out
+
+
+WHILE_STRUCTURE = """\
+tl.while_loop: the body changed the structure of the carry: {details}
+The loop carries one structure from step to step.
+Fix: create every Variable before the loop and only set values inside it, and
+return the carry itself (e.g. `return (model, opt, i + 1)`).
+"""
+
+WHILE_COND_STATE = """\
+tl.while_loop: cond_fun changed `{path}`; the condition is evaluated for its
+result only, so the change would be lost.
+Fix: make cond_fun read the carry only (draw keys or count steps in body_fun).
+"""
+
+
+def while_loop(cond_fun: Callable, body_fun: Callable, init_val: Any) -> Any:
+    """Like ``jax.lax.while_loop``: ``while cond_fun(val): val = body_fun(val)``; Modules carried.
+
+    ``init_val`` may hold Modules, Variables and arrays (typically a model,
+    an optimizer and a counter). The body returns the carry with the same
+    structure (the same Modules, updated in place, or new values of the same
+    shapes); the caller's objects hold the final state afterwards. As in
+    jax, the loop cannot be reverse-differentiated (use ``tl.scan``).
+
+    Arguments:
+        cond_fun: ``val -> bool`` scalar; must not change state.
+        body_fun: ``val -> val``.
+        init_val: the initial carry.
+
+    Returns:
+        The final carry (the caller's objects, holding the final values).
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> count = tl.Variable(jnp.array(1))
+        >>> def body(c):
+        ...     c.value = c.value * 2
+        ...     return c
+        >>> _ = tl.while_loop(lambda c: c.value < 100, body, count)
+        >>> int(count.value)
+        128
+    """
+    # Python numbers in the carry become arrays, as jax.lax.while_loop makes them
+    # (a counter `0` is traced, not static); Modules and Variables stay as they are.
+    init_val = jax.tree.map(_as_array, init_val, is_leaf=is_graph_node)
+    flat = flatten_call((init_val,), {}, "tl.while_loop")
+
+    def cond(values: list) -> Any:
+        (val,), _, _, _ = unflatten_call(flat.layout, flat.paths, values)
+        out = call_inside("tl.while_loop", cond_fun, (val,), {})
+        layout, after = layout_of(((val,), {}))
+        for i, (old, new) in enumerate(zip(values, after, strict=False)):
+            if old is not new or layout != flat.layout:
+                raise ValueError(WHILE_COND_STATE.format(path=flat.describe(flat.paths[i])))
+        return out
+
+    def body(values: list) -> list:
+        (val,), _, _, _ = unflatten_call(flat.layout, flat.paths, values)
+        out = call_inside("tl.while_loop", body_fun, (val,), {})
+        layout, new_values = layout_of(((out,), {}))
+        if layout != flat.layout:
+            raise ValueError(WHILE_STRUCTURE.format(details=_structure_diff(flat, out)))
+        return new_values
+
+    try:
+        final = jax.lax.while_loop(cond, body, list(flat.values))
+    except Exception as error:  # a failed tl.error_if, run eagerly
+        reraise_check(error)
+        raise
+    (out,), _ = write_values(flat, final)
+    return out
+
+
+def _as_array(x: Any) -> Any:
+    return jnp.asarray(x) if isinstance(x, bool | int | float | complex) else x
+
+
+def _structure_diff(flat: Any, out: Any) -> str:
+    """Which paths of the carry the body added or removed (or that it changed kind)."""
+    new = flatten_call((out,), {}, "tl.while_loop", check_leaks=False)
+
+    def name(f: Any, p: Any) -> str:
+        return f.describe(p).replace("args[0]", "init_val", 1)
+
+    before = {name(flat, p): flat.leaves[i] for i, p in enumerate(flat.paths)}
+    after = {name(new, p): new.leaves[i] for i, p in enumerate(new.paths)}
+    lines = [f"`{p}` was added" for p in after if p not in before]
+    lines += [f"`{p}` was removed" for p in before if p not in after]
+    lines += [
+        f"`{p}` was a {type(before[p]).__name__}, is now a {type(after[p]).__name__}"
+        for p in before
+        if p in after and type(before[p]) is not type(after[p])
+    ]
+    if len(new.tops) == len(flat.tops):
+        lines += [
+            f"`{name(flat, (t,))}` was a {type(a).__name__}, is now a {type(b).__name__}"
+            for t, (a, b) in enumerate(zip(flat.tops, new.tops, strict=True))
+            if type(a) is not type(b) and not (is_graph_node(a) or is_graph_node(b))
+        ]
+    if not lines:
+        lines = ["a static attribute or the kind of value returned differs"]
+    return "; ".join(lines[:5]) + ("." if len(lines) <= 5 else f" (and {len(lines) - 5} more).")
 
 
 def eval_shape(fn: Callable, *args: Any, **kwargs: Any) -> Any:

@@ -29,10 +29,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.extend.core import get_opaque_trace_state
 
 from toylib._core.graph import watch_graph
 from toylib._core.skeleton import Seq, Static, is_graph_node, rebuild
 from toylib._core.variables import Variable, get_value, set_value
+from toylib._core.variables import _outside_trace as outside_trace
 from toylib.transforms.lifting import (
     Flat,
     Layout,
@@ -44,6 +46,7 @@ from toylib.transforms.lifting import (
     flatten_result,
     interleave,
     named,
+    reraise_check,
     unflatten_call,
     write_back,
 )
@@ -145,6 +148,8 @@ class _Compiled:
         before = self.trace.ntraces
         returned = self.jitted(*self.arguments(flat))
         spec = self.spec_after(before, flat.values)
+        if returned and isinstance(returned[0], jax.core.Tracer):
+            check_owned(spec, flat)  # called inside another trace (a raw jax transform)
         return write_back(spec, flat, returned), spec
 
     def spec_after(self, before: int, values: Sequence[Any]) -> OutSpec:
@@ -201,22 +206,26 @@ class Jitted(Transform):
         self._retraces: dict[Any, int] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        fast = self._fast
-        if fast is not None and fast.valid:
-            values = (*args, *kwargs.values()) if kwargs else args
-            if len(values) == fast.n and tuple(kwargs) == fast.kw:
-                for value, kind, ref in zip(values, fast.kinds, fast.refs, strict=True):
-                    if kind is _OBJ:
-                        if value is not ref():
+        try:  # free unless raised: a failed tl.error_if check comes out as its own error
+            fast = self._fast
+            if fast is not None and fast.valid:
+                values = (*args, *kwargs.values()) if kwargs else args
+                if len(values) == fast.n and tuple(kwargs) == fast.kw:
+                    for value, kind, ref in zip(values, fast.kinds, fast.refs, strict=True):
+                        if kind is _OBJ:
+                            if value is not ref():
+                                break
+                        elif kind is _ARR:
+                            if not isinstance(value, _ARRAYS):
+                                break
+                        elif value is not ref and (type(value) is not type(ref) or value != ref):
                             break
-                    elif kind is _ARR:
-                        if not isinstance(value, _ARRAYS):
-                            break
-                    elif value is not ref and (type(value) is not type(ref) or value != ref):
-                        break
-                else:
-                    return self._run_fast(fast, values, args, kwargs)
-        return self._call(args, kwargs)
+                    else:
+                        return self._run_fast(fast, values, args, kwargs)
+            return self._call(args, kwargs)
+        except Exception as error:
+            reraise_check(error)
+            raise
 
     def lower(self, *args: Any, **kwargs: Any) -> Any:
         """``jax.jit(...).lower``: the compiled program for these arguments (``.as_text()``)."""
@@ -239,6 +248,12 @@ class Jitted(Transform):
             # New shapes traced to a different result structure: general write-back.
             self._fast = None
             return write_back(trace.last, self._flatten(args, kwargs), returned)  # type: ignore[arg-type]
+        if fast.write_rets and isinstance(returned[fast.write_rets[0]], jax.core.Tracer):
+            # Inside another trace (e.g. raw checkify around tl.jit): never write its
+            # tracers into Variables that live outside it.
+            flat = self._flatten(args, kwargs)
+            check_owned(fast.spec, flat)
+            return write_back(fast.spec, flat, returned)
         # `any` drains the map: one C-level loop that writes every value.
         any(map(set_value, fast.write_vars, map(returned.__getitem__, fast.write_rets)))
         return fast.out(returned)
@@ -357,6 +372,20 @@ class Jitted(Transform):
 
     def _forget(self, _: Any) -> None:
         self._fast = None
+
+
+def check_owned(spec: OutSpec, flat: Flat) -> None:
+    """Refuse to write traced results into Variables created outside the current trace.
+
+    A raw jax transform (``jax.experimental.checkify``, ``jax.jit``) around a
+    ``tl.jit`` call may hand it the caller's live Module: the results are
+    then tracers of the outer trace, and writing them would leave the live
+    model holding tracers after the outer transform returns.
+    """
+    now = get_opaque_trace_state()
+    for leaf, source in zip(flat.leaves, spec.sources, strict=False):
+        if source < 0 and isinstance(leaf, Variable) and leaf._trace != now:
+            raise RuntimeError(outside_trace(leaf))
 
 
 def _top_skeletons(layout: Layout) -> tuple:

@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 from jax._src import traceback_util
+from jax._src.core import get_opaque_trace_state  # not jax.extend's: see variables.py
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 from toylib._core import calls, graph
@@ -102,6 +103,13 @@ class Transform:
 
     def __repr__(self) -> str:
         return f"<{self.label}>"
+
+
+def reraise_check(error: BaseException) -> None:
+    """Raise ``tl.RuntimeCheckError`` if a jax runtime error carries a failed ``tl.error_if``."""
+    from toylib.errors import reraise  # here: toylib.errors builds on the transforms
+
+    reraise(error)
 
 
 def call_inside(label: str, fn: Callable, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
@@ -211,11 +219,11 @@ def flatten_call(
     return Flat(layout, paths, leaves, values, nodes, origin, keypath, tops)
 
 
-_TOP_TRACE = jax.extend.core.get_opaque_trace_state()
+_TOP_TRACE = get_opaque_trace_state()
 
 
 def _tracing() -> bool:
-    return jax.extend.core.get_opaque_trace_state() != _TOP_TRACE
+    return get_opaque_trace_state() != _TOP_TRACE
 
 
 def _describe(origin: list[Any], keypath: list[Path], path: Path) -> str:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from flax.nnx.nn import attention as nnx_attention
 
 from toylib import nn
 
@@ -431,3 +432,53 @@ def test_spectral_norm_matches_nnx(make, x_shape, n_steps):
     close(ours(x), ref(x, update_stats=True))
     close(ours.u["kernel"].value, ref.batch_stats[("kernel", "u")][...])
     close(ours.sigma["kernel"].value, ref.batch_stats[("kernel", "sigma")][...])
+
+
+# -- grouped-query attention ----------------------------------------------------------------------
+
+GQA = [(4, 4), (4, 2), (4, 1), (6, 3), (6, 2), (3, 1)]
+
+
+def attention_pair(heads, kv_heads, features=12, **kwargs):
+    init = {"kernel_init": np_init(0), "bias_init": np_init(1)}
+    ours = nn.MultiHeadAttention(heads, features, num_kv_heads=kv_heads, rngs=0, **init, **kwargs)
+    ref = nnx.MultiHeadAttention(
+        heads, features, num_kv_heads=kv_heads, decode=False, rngs=nnx.Rngs(0), **init, **kwargs
+    )
+    for name in ("query", "key", "value", "out"):
+        copy_into(ref, ours, f"{name}.kernel", f"{name}.bias")
+    return ours, ref
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), GQA)
+def test_grouped_query_attention_matches_nnx(heads, kv_heads):
+    ours, ref = attention_pair(heads, kv_heads)
+    assert ours.key.kernel.shape == ref.key.kernel.shape == (12, kv_heads, 12 // heads)
+    x = rand(3, 2, 5, 12)
+    mask = nn.make_causal_mask(jnp.ones((2, 5)))
+    close(ours(x, mask=mask), ref(x, mask=mask, deterministic=True))
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(6, 2), (6, 1)])
+def test_grouped_cross_attention_matches_nnx(heads, kv_heads):
+    ours, ref = attention_pair(heads, kv_heads, in_kv_features=7, qkv_features=18, out_features=5)
+    q, kv = rand(3, 2, 4, 12), rand(4, 2, 9, 7)
+    mask = nn.make_attention_mask(jnp.ones((2, 4)), jnp.arange(9) < 6)
+    close(ours(q, kv, mask=mask), ref(q, kv, mask=mask, deterministic=True))
+
+
+def test_grouped_attention_functions_match_nnx():
+    q, k, v = rand(0, 2, 5, 6, 4), rand(1, 2, 7, 2, 4), rand(2, 2, 7, 2, 4)
+    mask = jnp.asarray(np.random.default_rng(3).random((2, 1, 5, 7)) > 0.3)
+    close(
+        nn.dot_product_attention_weights(q, k, mask),
+        nnx_attention.dot_product_attention_weights(q, k, mask=mask),
+    )
+    close(nn.dot_product_attention(q, k, v, mask), nnx.dot_product_attention(q, k, v, mask=mask))
+
+
+@pytest.mark.parametrize("normalize_qk", [False, True])
+def test_attention_precision_and_qk_norm_match_nnx(normalize_qk):
+    ours, ref = attention_pair(4, 2, precision="highest", normalize_qk=normalize_qk)
+    x = rand(3, 2, 6, 12)
+    close(ours(x), ref(x, deterministic=True))

@@ -385,3 +385,50 @@ def test_ema_warmup_and_errors():
         ema.update(nn.Linear(2, 1, use_bias=False, rngs=0))
     np.testing.assert_array_equal(np.asarray(ema.model.kernel.value), before[0])  # unchanged
     assert int(ema.count.value) == before[1]
+
+
+# -- grouped-query attention ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 2), (4, 1), (6, 3)])
+def test_grouped_query_kv_cache_decoding_equals_the_causal_pass(heads, kv_heads):
+    attn = nn.MultiHeadAttention(
+        heads, 12, num_kv_heads=kv_heads, kernel_init=np_init(0), bias_init=np_init(1), rngs=0
+    )
+    x = rand(2, 2, 7, 12)
+    full = np.asarray(attn(x, mask=nn.make_causal_mask(jnp.ones((2, 7)))))
+    attn.init_cache((2, 7, 12))
+    assert attn.cached_key.shape == (2, 7, kv_heads, 12 // heads)  # heads / kv_heads smaller
+    step = tl.jit(lambda attn, tokens: attn(tokens, decode=True))  # decode= per call
+    prefill = step(attn, x[:, :3])  # a 3-token prefill, then one token at a time
+    outs = [prefill] + [step(attn, x[:, t : t + 1]) for t in range(3, 7)]
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), full, rtol=1e-5, atol=1e-5)
+    assert int(attn.cache_index.value) == 7 and attn.decode is False
+
+
+def test_grouped_query_errors_keep_rngs_and_out_init():
+    with pytest.raises(ValueError, match=r"num_kv_heads must divide num_heads(?s:.*)1, 2, 3, 6"):
+        nn.MultiHeadAttention(6, 12, num_kv_heads=4, rngs=0)
+    with pytest.raises(ValueError, match="must\ndivide 6"):
+        nn.dot_product_attention(jnp.ones((3, 6, 2)), jnp.ones((3, 4, 2)), jnp.ones((3, 4, 2)))
+    attn = nn.MultiHeadAttention(2, 4, dropout_rate=0.5, keep_rngs=False, rngs=0)
+    assert attn.rngs is None
+    with pytest.raises(ValueError, match="keep_rngs=False"):
+        attn(jnp.ones((3, 4)))
+    assert attn(jnp.ones((3, 4)), rngs=tl.Rngs(1)).shape == (3, 4)
+    zeros = nn.MultiHeadAttention(2, 4, out_kernel_init=jax.nn.initializers.zeros, rngs=0)
+    assert not np.any(np.asarray(zeros.out.kernel.value))
+    assert np.any(np.asarray(zeros.query.kernel.value))
+
+
+def test_linear_and_attention_precision_reach_the_contractions():
+    for layer, x in [
+        (nn.Linear(3, 4, precision="highest", rngs=0), jnp.ones((2, 3))),
+        (nn.LoRALinear(3, 4, lora_rank=2, precision="highest", rngs=0), jnp.ones((2, 3))),
+        (nn.MultiHeadAttention(2, 4, precision="highest", rngs=0), jnp.ones((3, 4))),
+    ]:
+        text = str(jax.make_jaxpr(layer)(x))
+        # Every contraction at the precision asked for.
+        assert text.count("dot_general") == text.count("precision=(Precision.HIGHEST") > 0, text
+    embed = nn.Embed(5, 3, precision="highest", rngs=0)
+    assert "HIGHEST" in str(jax.make_jaxpr(embed.attend)(jnp.ones((2, 3))))

@@ -167,6 +167,7 @@ class LoRALinear(Linear):
         lora_alpha: the scale numerator (default None: scale 1).
         use_bias, dtype, param_dtype, kernel_init, bias_init: the base
             Linear's, as in ``nn.Linear``.
+        precision: ``jax.lax`` precision of the base and adapter matmuls (default None).
         lora_dtype, lora_param_dtype: the adapter's compute and storage dtypes.
         a_initializer, b_initializer, lora_param_type: as in ``nn.LoRA``.
         rngs: ``tl.Rngs``, an int seed or a key; the base weights are drawn
@@ -195,6 +196,7 @@ class LoRALinear(Linear):
         use_bias: bool = True,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        precision: Any = None,
         kernel_init: Any = default_kernel_init,
         bias_init: Any = jax.nn.initializers.zeros,
         lora_dtype: Any = None,
@@ -211,6 +213,7 @@ class LoRALinear(Linear):
             use_bias=use_bias,
             dtype=dtype,
             param_dtype=param_dtype,
+            precision=precision,
             kernel_init=kernel_init,
             bias_init=bias_init,
             rngs=rngs,
@@ -222,6 +225,7 @@ class LoRALinear(Linear):
             alpha=lora_alpha,
             dtype=lora_dtype,
             param_dtype=lora_param_dtype,
+            precision=precision,
             a_initializer=a_initializer,
             b_initializer=b_initializer,
             lora_param_type=lora_param_type,

@@ -10,6 +10,7 @@ from jaxtyping import Array, ArrayLike
 
 from toylib._core.module import Module
 from toylib._core.variables import Param
+from toylib.nn.dtypes import as_array
 
 __all__ = ["PReLU"]
 
@@ -55,7 +56,7 @@ class PReLU(Module):
         self.dtype = dtype
 
     def __call__(self, x: ArrayLike) -> Array:
-        x = jnp.asarray(x)
+        x = as_array(x)
         if self.dtype is not None:
             x = x.astype(self.dtype)
         elif not jnp.issubdtype(x.dtype, jnp.inexact):

@@ -472,6 +472,9 @@ class MultiHeadAttention(Module):
         >>> x = jnp.ones((3, 5, 8))                          # batch 3, length 5
         >>> attn(x, mask=nn.make_causal_mask(jnp.ones((3, 5)))).shape
         (3, 5, 8)
+        >>> gqa = nn.MultiHeadAttention(4, 8, num_kv_heads=2, causal=True, rngs=0)
+        >>> gqa.key.kernel.shape, gqa(x).shape        # 2 key/value heads of size 2
+        ((8, 2, 2), (3, 5, 8))
 
         Decoding the same sequence token by token gives the same outputs::
 

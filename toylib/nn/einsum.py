@@ -24,7 +24,7 @@ from toylib._core.calls import module_path
 from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
 from toylib._core.variables import Param
-from toylib.nn.dtypes import promote_dtype
+from toylib.nn.dtypes import as_array, promote_dtype
 from toylib.nn.linear import default_kernel_init
 
 __all__ = ["Einsum", "LinearGeneral", "MergeHeads", "ProjectHeads"]
@@ -205,7 +205,7 @@ class Einsum(Module):
         return lhs, kernel_spec, output
 
     def __call__(self, x: Float[ArrayLike, "*shape"], einsum_str: str | None = None) -> Array:
-        x = jnp.asarray(x)
+        x = as_array(x)
         where = module_path(self)
         equation = einsum_str if einsum_str is not None else self.einsum_str
         if equation is None:
@@ -370,7 +370,7 @@ class LinearGeneral(Module):
         self.precision = precision
 
     def __call__(self, x: Float[ArrayLike, "*shape"]) -> Array:
-        x = jnp.asarray(x)
+        x = as_array(x)
         ndim = x.ndim
         self._check_input(x.shape)
         axis = tuple(a % ndim for a in self.axis)

@@ -24,7 +24,7 @@ from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
 from toylib._core.variables import Param, Variable
 from toylib.nn.checks import check_features
-from toylib.nn.dtypes import promote_dtype
+from toylib.nn.dtypes import as_array, promote_dtype
 from toylib.nn.linear import Linear, default_kernel_init
 
 __all__ = ["LoRA", "LoRALinear", "LoRAParam"]
@@ -138,7 +138,7 @@ class LoRA(Module):
     def __call__(
         self, x: Float[ArrayLike, "*batch in"], *args: Any, **kwargs: Any
     ) -> Float[Array, "*batch out"]:
-        x = jnp.asarray(x)
+        x = as_array(x)
         check_features(self, x.shape, self.in_features)
         xs, a, b = promote_dtype(x, self.lora_a.value, self.lora_b.value, dtype=self.dtype)
         down = jnp.matmul(xs, a, precision=self.precision)

@@ -167,6 +167,7 @@ def display(obj: Any, path: str | os.PathLike | None = None) -> pathlib.Path | N
           in_features=3,
           out_features=2,
           dtype=None,
+          precision=None,
         )
     """
     treescope = _load_treescope()

@@ -29,6 +29,7 @@ from jax.nn import (
 )
 from jax.numpy import tanh
 
+from toylib.nn.activations import PReLU
 from toylib.nn.attention import (
     MultiHeadAttention,
     dot_product_attention,
@@ -40,12 +41,29 @@ from toylib.nn.containers import MLP, Sequential, Stack
 from toylib.nn.conv import Conv, ConvTranspose
 from toylib.nn.decoding import init_cache, set_decode
 from toylib.nn.dropout import Dropout
+from toylib.nn.einsum import Einsum, LinearGeneral, MergeHeads, ProjectHeads
+from toylib.nn.ema import EMA
 from toylib.nn.linear import Embed, Identity, Linear
-from toylib.nn.normalization import BatchNorm, GroupNorm, LayerNorm, RMSNorm
+from toylib.nn.lora import LoRA, LoRALinear, LoRAParam
+from toylib.nn.normalization import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from toylib.nn.pooling import AvgPool, MaxPool, avg_pool, max_pool
-from toylib.nn.recurrent import RNN, GRUCell, LSTMCell
+from toylib.nn.recurrent import RNN, GRUCell, LSTMCell, SimpleCell
+from toylib.nn.weight_norms import SpectralNorm, WeightNorm
 
 __all__ = [
+    "EMA",
+    "SpectralNorm",
+    "WeightNorm",
+    "InstanceNorm",
+    "PReLU",
+    "SimpleCell",
+    "Einsum",
+    "LinearGeneral",
+    "LoRA",
+    "LoRALinear",
+    "LoRAParam",
+    "MergeHeads",
+    "ProjectHeads",
     "MLP",
     "RNN",
     "AvgPool",

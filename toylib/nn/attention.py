@@ -21,16 +21,15 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Shaped
 from toylib._core.calls import module_path
 from toylib._core.module import Module
 from toylib._core.rngs import Rngs, RngStream, as_key, as_rngs
-from toylib._core.variables import Cache, Param
+from toylib._core.variables import Cache
 from toylib.nn.checks import check_features
 from toylib.nn.dtypes import promote_dtype
+from toylib.nn.einsum import MergeHeads, ProjectHeads
 from toylib.nn.linear import default_kernel_init
 from toylib.nn.normalization import LayerNorm
 
 __all__ = [
-    "MergeHeads",
     "MultiHeadAttention",
-    "ProjectHeads",
     "dot_product_attention",
     "dot_product_attention_weights",
     "make_attention_mask",
@@ -43,6 +42,28 @@ MultiHeadAttention: qkv_features={qkv} must be divisible by num_heads={heads}
 Fix: pick sizes that divide, e.g.
 
     nn.MultiHeadAttention({heads}, in_features, qkv_features={suggest}, rngs=rngs)
+"""
+
+BAD_KV_HEADS = """\
+MultiHeadAttention(num_heads={heads}, num_kv_heads={kv}): the query heads are shared out
+among the key/value heads in equal groups, so num_kv_heads must divide num_heads.
+Fix: pick num_kv_heads among the divisors of {heads}: {divisors} (1 is multi-query
+attention, {heads} is ordinary multi-head attention).
+"""
+
+GROUPED_HEADS = """\
+dot_product_attention: the query has {q_heads} heads and the key/value {kv_heads}; grouped-query
+attention shares each key/value head among an equal group of query heads, so {kv_heads} must
+divide {q_heads}.
+Fix: project the keys and values onto a divisor of {q_heads} heads (num_kv_heads=...).
+"""
+
+NO_KEPT_RNGS = """\
+MultiHeadAttention(dropout_rate={rate}, keep_rngs=False) keeps no random stream, so a
+training call needs one.
+Fix: pass it per call, or switch to evaluation:
+
+    attn(x, rngs=rngs)                 # or model.eval() / deterministic=True
 """
 
 BAD_MASK = """\
@@ -191,6 +212,7 @@ def dot_product_attention_weights(
     *,
     bias: Float[ArrayLike, "*bias"] | None = None,
     dtype: Any = None,
+    precision: Any = None,
 ) -> Float[Array, "*batch heads q kv"]:
     """Softmax attention weights ``softmax(q k^T / sqrt(d) + bias)``, masked.
 
@@ -199,13 +221,20 @@ def dot_product_attention_weights(
     at least float32 even for bfloat16 inputs: its exponentials and sum are
     where low precision hurts; the weights come back in the compute dtype.
 
+    Grouped-query attention: ``key`` may have fewer heads than ``query``, a
+    divisor ``kv_heads`` of its ``heads``; query head ``i`` then attends with
+    key head ``i // (heads // kv_heads)`` (consecutive query heads share one,
+    Flax's grouping). The key heads are not copied: the query is viewed as
+    ``(kv_heads, group)`` heads.
+
     Arguments:
         query: ``(*batch, q_length, heads, head_dim)``.
-        key: ``(*batch, kv_length, heads, head_dim)``.
+        key: ``(*batch, kv_length, kv_heads, head_dim)``, ``kv_heads`` dividing ``heads``.
         mask: broadcastable to ``(*batch, heads, q_length, kv_length)``;
             True (nonzero) keeps a pair.
         bias: added to the logits before masking (same broadcasting).
         dtype: compute dtype (default: promote query and key).
+        precision: ``jax.lax`` precision of the ``q k^T`` contraction (default None).
 
     Returns:
         Weights of shape ``(*batch, heads, q_length, kv_length)`` summing to 1
@@ -222,7 +251,7 @@ def dot_product_attention_weights(
     compute = query.dtype
     # Scale the query (Lq x d values), not the logits (Lq x Lk values).
     query = query / jnp.asarray(math.sqrt(query.shape[-1]), compute)
-    logits = jnp.einsum("...qhd,...khd->...hqk", query, key)
+    logits = _grouped_logits(query, key, precision)
     logits = logits.astype(jnp.promote_types(compute, jnp.float32))
     if bias is not None:
         logits = logits + jnp.asarray(bias, logits.dtype)
@@ -243,13 +272,16 @@ def dot_product_attention(
     dropout_rng: jax.Array | None = None,
     broadcast_dropout: bool = True,
     dtype: Any = None,
+    precision: Any = None,
 ) -> Float[Array, "*batch q heads dv"]:
     """Scaled dot-product attention: ``softmax(q k^T / sqrt(d)) v`` per head.
 
     Arguments:
         query: ``(*batch, q_length, heads, head_dim)``.
-        key: ``(*batch, kv_length, heads, head_dim)``.
-        value: ``(*batch, kv_length, heads, v_head_dim)``.
+        key: ``(*batch, kv_length, kv_heads, head_dim)``; ``kv_heads`` may be a
+            divisor of ``heads`` (grouped-query attention, see
+            ``dot_product_attention_weights``).
+        value: ``(*batch, kv_length, kv_heads, v_head_dim)``.
         mask: broadcastable to ``(*batch, heads, q_length, kv_length)``;
             True (nonzero) keeps a pair.
         bias: added to the logits before masking.
@@ -259,6 +291,7 @@ def dot_product_attention(
         broadcast_dropout: share one dropout mask over the batch and head
             axes (default True, as in Flax).
         dtype: compute dtype (default: promote query, key and value).
+        precision: ``jax.lax`` precision of both contractions (default None).
 
     Returns:
         ``(*batch, q_length, heads, v_head_dim)``.
@@ -272,7 +305,7 @@ def dot_product_attention(
         (2, 4, 3, 8)
     """
     query, key, value = promote_dtype(query, key, value, dtype=dtype)
-    weights = dot_product_attention_weights(query, key, mask, bias=bias)
+    weights = dot_product_attention_weights(query, key, mask, bias=bias, precision=precision)
     if dropout_rate >= 1.0:
         weights = jnp.zeros_like(weights)
     elif dropout_rate > 0.0:
@@ -290,7 +323,35 @@ def dot_product_attention(
         keep = keep.reshape(shape)
         scaled = weights / jnp.asarray(1.0 - dropout_rate, weights.dtype)
         weights = jnp.where(keep, scaled, jnp.zeros((), weights.dtype))
-    return jnp.einsum("...hqk,...khd->...qhd", weights, value)
+    return _grouped_values(weights, value, precision)
+
+
+def _groups(q_heads: int, kv_heads: int) -> int:
+    if kv_heads < 1 or q_heads % kv_heads:
+        raise ValueError(GROUPED_HEADS.format(q_heads=q_heads, kv_heads=kv_heads))
+    return q_heads // kv_heads
+
+
+def _grouped_logits(query: Array, key: Array, precision: Any) -> Array:
+    """``q k^T`` per head, ``(*batch, heads, q, kv)``; key heads shared by groups of query heads."""
+    heads, kv_heads = query.shape[-2], key.shape[-2]
+    if heads == kv_heads:
+        return jnp.einsum("...qhd,...khd->...hqk", query, key, precision=precision)
+    g = _groups(heads, kv_heads)
+    query = query.reshape(*query.shape[:-2], kv_heads, g, query.shape[-1])
+    logits = jnp.einsum("...qhgd,...khd->...hgqk", query, key, precision=precision)
+    return logits.reshape(*logits.shape[:-4], heads, *logits.shape[-2:])
+
+
+def _grouped_values(weights: Array, value: Array, precision: Any) -> Array:
+    """The weighted sum of values, ``(*batch, q, heads, dv)``, value heads shared as the keys'."""
+    heads, kv_heads = weights.shape[-3], value.shape[-2]
+    if heads == kv_heads:
+        return jnp.einsum("...hqk,...khd->...qhd", weights, value, precision=precision)
+    g = _groups(heads, kv_heads)
+    weights = weights.reshape(*weights.shape[:-3], kv_heads, g, *weights.shape[-2:])
+    out = jnp.einsum("...hgqk,...khd->...qhgd", weights, value, precision=precision)
+    return out.reshape(*out.shape[:-3], heads, out.shape[-1])
 
 
 def _checked_mask(mask: Any, weights_shape: tuple[int, ...]) -> Array:
@@ -302,118 +363,6 @@ def _checked_mask(mask: Any, weights_shape: tuple[int, ...]) -> Array:
     if not fits:
         raise ValueError(BAD_MASK.format(mask=mask.shape, weights=weights_shape))
     return mask.astype(jnp.bool_)
-
-
-# -- projections --------------------------------------------------------------------------
-
-
-class ProjectHeads(Module):
-    """A dense layer onto heads: ``(*batch, in) -> (*batch, heads, head_dim)``.
-
-    The kernel has shape ``(in_features, num_heads, head_dim)`` (Flax's
-    ``LinearGeneral`` layout for attention), so each head's slice can be
-    sharded or inspected on its own. ``kernel_init`` is called with the
-    equivalent dense shape ``(in_features, num_heads * head_dim)`` and the
-    result reshaped, so fan-in based initialisers see ``in_features``.
-
-    Arguments:
-        in_features: size of the input's last axis.
-        num_heads, head_dim: the output's two last axes.
-        use_bias, dtype, param_dtype, kernel_init, bias_init, rngs: as in ``nn.Linear``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> from toylib.nn.attention import ProjectHeads
-        >>> ProjectHeads(5, 2, 3, rngs=0)(jnp.ones((4, 5))).shape
-        (4, 2, 3)
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        num_heads: int,
-        head_dim: int,
-        *,
-        use_bias: bool = True,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        kernel_init: Any = default_kernel_init,
-        bias_init: Any = jax.nn.initializers.zeros,
-        rngs: Rngs | int | jax.Array,
-    ) -> None:
-        rngs = as_rngs(rngs, "ProjectHeads(rngs=...)")
-        features = num_heads * head_dim
-        kernel = kernel_init(rngs.params(), (in_features, features), param_dtype)
-        self.kernel = Param(jnp.reshape(kernel, (in_features, num_heads, head_dim)))
-        self.bias = (
-            Param(jnp.reshape(bias_init(rngs.params(), (features,), param_dtype), (num_heads, -1)))
-            if use_bias
-            else None
-        )
-        self.in_features = in_features
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.dtype = dtype
-
-    def __call__(self, x: Float[ArrayLike, "*batch in"]) -> Float[Array, "*batch heads head_dim"]:
-        x = jnp.asarray(x)
-        check_features(self, x.shape, self.in_features)
-        bias = None if self.bias is None else self.bias.value
-        x, kernel, bias = promote_dtype(x, self.kernel.value, bias, dtype=self.dtype)
-        y = jnp.einsum("...f,fhd->...hd", x, kernel)
-        return y if bias is None else y + bias
-
-
-class MergeHeads(Module):
-    """A dense layer from heads: ``(*batch, heads, head_dim) -> (*batch, out)``.
-
-    The kernel has shape ``(num_heads, head_dim, out_features)``;
-    ``kernel_init`` sees the dense shape ``(num_heads * head_dim, out_features)``.
-
-    Arguments:
-        num_heads, head_dim: the input's two last axes.
-        out_features: size of the output's last axis.
-        use_bias, dtype, param_dtype, kernel_init, bias_init, rngs: as in ``nn.Linear``.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> from toylib.nn.attention import MergeHeads
-        >>> MergeHeads(2, 3, 5, rngs=0)(jnp.ones((4, 2, 3))).shape
-        (4, 5)
-    """
-
-    def __init__(
-        self,
-        num_heads: int,
-        head_dim: int,
-        out_features: int,
-        *,
-        use_bias: bool = True,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
-        kernel_init: Any = default_kernel_init,
-        bias_init: Any = jax.nn.initializers.zeros,
-        rngs: Rngs | int | jax.Array,
-    ) -> None:
-        rngs = as_rngs(rngs, "MergeHeads(rngs=...)")
-        kernel = kernel_init(rngs.params(), (num_heads * head_dim, out_features), param_dtype)
-        self.kernel = Param(jnp.reshape(kernel, (num_heads, head_dim, out_features)))
-        self.bias = (
-            Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
-        )
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.out_features = out_features
-        self.dtype = dtype
-
-    def __call__(self, x: Float[ArrayLike, "*batch heads head_dim"]) -> Float[Array, "*batch out"]:
-        x = jnp.asarray(x)
-        check_features(self, x.shape, self.head_dim, name="head_dim")
-        check_features(self, x.shape, self.num_heads, name="num_heads", axis=-2)
-        bias = None if self.bias is None else self.bias.value
-        x, kernel, bias = promote_dtype(x, self.kernel.value, bias, dtype=self.dtype)
-        y = jnp.einsum("...hd,hdo->...o", x, kernel)
-        return y if bias is None else y + bias
 
 
 # -- the layer ----------------------------------------------------------------------------
@@ -466,8 +415,18 @@ class MultiHeadAttention(Module):
     do the two decoding steps for every attention layer of a whole model,
     inside ``nn.Stack`` too.
 
+    Grouped-query attention (Ainslie et al., 2023): ``num_kv_heads`` below
+    ``num_heads`` projects the keys and values onto fewer heads, each shared
+    by ``num_heads // num_kv_heads`` consecutive query heads;
+    ``num_kv_heads=1`` is multi-query attention. The ``key``/``value``
+    kernels are ``(in, num_kv_heads, head_dim)`` and the KV cache holds
+    ``num_kv_heads`` heads: ``num_heads / num_kv_heads`` times smaller, which
+    is what makes decoding cheaper.
+
     Arguments:
-        num_heads: number of attention heads.
+        num_heads: number of attention (query) heads.
+        num_kv_heads: number of key/value heads (default ``num_heads``);
+            must divide ``num_heads``.
         in_features: size of the query input's last axis.
         qkv_features: total size of the projected queries/keys/values
             (default ``in_features``); must be divisible by ``num_heads``.
@@ -482,20 +441,29 @@ class MultiHeadAttention(Module):
             learning rates). Default False.
         causal: mask future positions (self-attention), see above (default False).
         deterministic: start in evaluation mode (default False, training).
-        decode: start in decoding mode (default False).
+        decode: start in decoding mode (default False); a call may pass
+            ``decode=`` to override it.
         use_bias: biases in the four projections (default True).
         dtype: compute dtype (default: promote inputs and parameters).
         param_dtype: dtype the parameters are stored in (default float32).
+        precision: ``jax.lax`` precision of the projections and the attention
+            contractions (default None).
         kernel_init: initialiser of the projection kernels (default LeCun
             normal on the equivalent dense shape).
         bias_init: initialiser of the biases (default zeros).
+        out_kernel_init, out_bias_init: the output projection's, when it
+            should differ (default: ``kernel_init`` / ``bias_init``; e.g. GPT-2
+            scales the output projection by ``1 / sqrt(2 * layers)``).
+        keep_rngs: keep the ``dropout`` stream in the layer (default True); with
+            False the layer holds no random state and a training call with
+            dropout takes ``rngs=``.
         rngs: ``tl.Rngs``, an int seed or a key; ``params`` draws the weights
             and ``dropout`` is kept when ``dropout_rate > 0``.
 
     Returns:
         A Module called as ``attn(q, k=None, v=None, *, mask=None,
-        deterministic=None, rngs=None)`` on ``(*batch, length, features)``
-        inputs, giving ``(*batch, q_length, out_features)``.
+        deterministic=None, decode=None, rngs=None)`` on ``(*batch, length,
+        features)`` inputs, giving ``(*batch, q_length, out_features)``.
 
     Example:
         >>> import jax.numpy as jnp
@@ -504,6 +472,9 @@ class MultiHeadAttention(Module):
         >>> x = jnp.ones((3, 5, 8))                          # batch 3, length 5
         >>> attn(x, mask=nn.make_causal_mask(jnp.ones((3, 5)))).shape
         (3, 5, 8)
+        >>> gqa = nn.MultiHeadAttention(4, 8, num_kv_heads=2, causal=True, rngs=0)
+        >>> gqa.key.kernel.shape, gqa(x).shape        # 2 key/value heads of size 2
+        ((8, 2, 2), (3, 5, 8))
 
         Decoding the same sequence token by token gives the same outputs::
 
@@ -518,6 +489,7 @@ class MultiHeadAttention(Module):
         num_heads: int,
         in_features: int,
         *,
+        num_kv_heads: int | None = None,
         qkv_features: int | None = None,
         out_features: int | None = None,
         in_kv_features: int | None = None,
@@ -530,8 +502,12 @@ class MultiHeadAttention(Module):
         use_bias: bool = True,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        precision: Any = None,
         kernel_init: Any = default_kernel_init,
         bias_init: Any = jax.nn.initializers.zeros,
+        out_kernel_init: Any = None,
+        out_bias_init: Any = None,
+        keep_rngs: bool = True,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         rngs = as_rngs(rngs, "MultiHeadAttention(rngs=...)")
@@ -541,6 +517,12 @@ class MultiHeadAttention(Module):
         if num_heads < 1 or qkv_features % num_heads:
             suggest = max(num_heads, round(qkv_features / max(num_heads, 1)) * num_heads)
             raise ValueError(BAD_HEADS.format(qkv=qkv_features, heads=num_heads, suggest=suggest))
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            divisors = ", ".join(str(d) for d in range(1, num_heads + 1) if num_heads % d == 0)
+            raise ValueError(
+                BAD_KV_HEADS.format(heads=num_heads, kv=num_kv_heads, divisors=divisors)
+            )
         if not 0.0 <= dropout_rate <= 1.0:
             raise ValueError(f"MultiHeadAttention(dropout_rate={dropout_rate}): must be in [0, 1].")
         head_dim = qkv_features // num_heads
@@ -548,24 +530,31 @@ class MultiHeadAttention(Module):
             use_bias=use_bias,
             dtype=dtype,
             param_dtype=param_dtype,
+            precision=precision,
             kernel_init=kernel_init,
             bias_init=bias_init,
             rngs=rngs,
         )
+        out = {
+            **common,
+            "kernel_init": kernel_init if out_kernel_init is None else out_kernel_init,
+            "bias_init": bias_init if out_bias_init is None else out_bias_init,
+        }
         self.query = ProjectHeads(in_features, num_heads, head_dim, **common)
-        self.key = ProjectHeads(in_kv_features, num_heads, head_dim, **common)
-        self.value = ProjectHeads(in_kv_features, num_heads, head_dim, **common)
-        self.out = MergeHeads(num_heads, head_dim, out_features, **common)
+        self.key = ProjectHeads(in_kv_features, num_kv_heads, head_dim, **common)
+        self.value = ProjectHeads(in_kv_features, num_kv_heads, head_dim, **common)
+        self.out = MergeHeads(num_heads, head_dim, out_features, **out)
         norm = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype)
         self.query_ln = LayerNorm(head_dim, **norm) if normalize_qk else None
         self.key_ln = LayerNorm(head_dim, **norm) if normalize_qk else None
         # Keep the stream (not a key), as nn.Dropout does: every training call
         # draws a fresh key and the counter lives in the user's Rngs.
-        self.rngs = rngs.dropout if dropout_rate > 0.0 else None
+        self.rngs = rngs.dropout if dropout_rate > 0.0 and keep_rngs else None
         self.cached_key: Cache | None = None
         self.cached_value: Cache | None = None
         self.cache_index: Cache | None = None
         self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
         self.in_features = in_features
         self.in_kv_features = in_kv_features
         self.qkv_features = qkv_features
@@ -577,6 +566,8 @@ class MultiHeadAttention(Module):
         self.deterministic = deterministic
         self.decode = decode
         self.dtype = dtype
+        self.precision = precision
+        self.keep_rngs = keep_rngs
 
     def __call__(
         self,
@@ -586,6 +577,7 @@ class MultiHeadAttention(Module):
         *,
         mask: Shaped[ArrayLike, "*mask"] | None = None,
         deterministic: bool | None = None,
+        decode: bool | None = None,
         rngs: Rngs | RngStream | jax.Array | None = None,
     ) -> Float[Array, "*batch q_len out"]:
         """Attend from ``q`` to ``k``/``v``; ``mask`` broadcasts to ``(*batch, heads, Lq, Lk)``."""
@@ -599,12 +591,13 @@ class MultiHeadAttention(Module):
         self._check_input(v, self.in_kv_features, "in_kv_features")
         if k.shape[-2] != v.shape[-2]:
             raise ValueError(LENGTH_MISMATCH.format(where=module_path(self), k=k.shape, v=v.shape))
-        if self.decode:
+        decode = self.decode if decode is None else decode
+        if decode:
             self._check_decode(q.shape, k.shape)
         query, key, value = self.query(q), self.key(k), self.value(v)
         if self.query_ln is not None and self.key_ln is not None:
             query, key = self.query_ln(query), self.key_ln(key)
-        if self.decode:
+        if decode:
             key, value, mask = self._decode_step(key, value, mask)
         elif self.causal:
             mask = _and_mask(mask, _causal(query.shape[-3], key.shape[-3]))
@@ -620,6 +613,7 @@ class MultiHeadAttention(Module):
             dropout_rng=dropout_rng,
             broadcast_dropout=self.broadcast_dropout,
             dtype=self.dtype,
+            precision=self.precision,
         )
         return self.out(x)
 
@@ -627,7 +621,7 @@ class MultiHeadAttention(Module):
         """Allocate the decoding cache for inputs of shape ``(*batch, max_length, in_features)``.
 
         Creates ``cached_key`` and ``cached_value`` (``Cache`` Variables of
-        shape ``(*batch, max_length, num_heads, head_dim)``, zeros) and
+        shape ``(*batch, max_length, num_kv_heads, head_dim)``, zeros) and
         ``cache_index`` (int32 0). Calling it again starts a new sequence.
 
         Arguments:
@@ -640,7 +634,7 @@ class MultiHeadAttention(Module):
             raise ValueError(BAD_CACHE_SHAPE.format(features=self.in_features, shape=input_shape))
         if dtype is None:
             dtype = jnp.float32 if self.dtype is None else self.dtype
-        shape = (*input_shape[:-1], self.num_heads, self.head_dim)
+        shape = (*input_shape[:-1], self.num_kv_heads, self.head_dim)
         self.cached_key = Cache(jnp.zeros(shape, dtype))
         self.cached_value = Cache(jnp.zeros(shape, dtype))
         self.cache_index = Cache(jnp.zeros((), jnp.int32))
@@ -715,5 +709,6 @@ class MultiHeadAttention(Module):
         if rngs is not None:
             return as_key(rngs, "MultiHeadAttention(rngs=...)")
         if self.rngs is None:
-            raise ValueError(NO_DROPOUT_RNGS.format(rate=self.dropout_rate))
+            message = NO_DROPOUT_RNGS if self.keep_rngs else NO_KEPT_RNGS
+            raise ValueError(message.format(rate=self.dropout_rate))
         return self.rngs()

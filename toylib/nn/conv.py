@@ -71,6 +71,32 @@ Fix: pick a feature_group_count that divides both, e.g. a depthwise conv with a
 channel multiplier m is Conv(C, C * m, kernel_size, feature_group_count=C).
 """
 
+WRONG_MASK = """\
+{cls}(..., mask=...): the mask multiplies the kernel, so it needs the kernel's shape
+{kernel} ((*kernel_size, in_features{groups}, out_features)); got {shape}.
+Fix: build the mask with the kernel's shape, e.g. a causal 1-d mask over 3 taps:
+
+    mask = jnp.ones({kernel}).at[{last}:].set(0)
+"""
+
+
+def check_mask(cls: str, mask: Any, kernel_shape: tuple[int, ...], groups: str = "") -> Any:
+    """``mask`` as an array of the kernel's shape (None passes through), or one clear error."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.shape != kernel_shape:
+        raise ValueError(
+            WRONG_MASK.format(
+                cls=cls,
+                kernel=kernel_shape,
+                groups=groups,
+                shape=mask.shape,
+                last=kernel_shape[0] // 2 + 1,
+            )
+        )
+    return mask
+
 
 def is_int(v: Any) -> bool:
     """A Python or numpy integer, not a bool."""
@@ -190,8 +216,12 @@ class Conv(Module):
             convolved on its own; ``in_features`` gives a depthwise conv. Must
             divide both ``in_features`` and ``out_features``.
         use_bias: add a bias (default True).
+        mask: an array of the kernel's shape that multiplies the kernel on
+            every call (a masked convolution: zeros cut taps, e.g. causal or
+            PixelCNN masks); kept as a plain array, not trained. Default None.
         dtype: compute dtype (default: promote input and parameters).
         param_dtype: dtype the parameters are stored in (default float32).
+        precision: ``jax.lax`` precision of the convolution (default None).
         kernel_init: initialiser of the kernel (default LeCun normal; fan-in is
             ``prod(kernel_size) * in_features // feature_group_count``).
         bias_init: initialiser of the bias (default zeros).
@@ -229,8 +259,10 @@ class Conv(Module):
         kernel_dilation: int | Sequence[int] = 1,
         feature_group_count: int = 1,
         use_bias: bool = True,
+        mask: ArrayLike | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        precision: Any = None,
         kernel_init: Any = default_kernel_init,
         bias_init: Any = jax.nn.initializers.zeros,
         rngs: Rngs | int | jax.Array,
@@ -249,6 +281,7 @@ class Conv(Module):
             raise ValueError(CIRCULAR_DILATED.format(input_dilation=input_dilation))
         rngs = as_rngs(rngs, "Conv(rngs=...)")
         shape = (*kernel_size, in_features // groups, out_features)
+        self.mask = check_mask("Conv", mask, shape, f" // {groups}" if groups > 1 else "")
         self.kernel = Param(kernel_init(rngs.params(), shape, param_dtype))
         self.bias = (
             Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
@@ -258,6 +291,7 @@ class Conv(Module):
         self.kernel_size = kernel_size
         self.feature_group_count = groups
         self.dtype = dtype
+        self.precision = precision
 
     def __call__(
         self, x: Float[ArrayLike, "*batch_spatial in"]
@@ -288,6 +322,8 @@ class Conv(Module):
             padding = tuple(lax.padtype_to_pads(dilated, taps, self.strides, padding))
         bias = None if self.bias is None else self.bias.value
         x, kernel, bias = promote_dtype(x, self.kernel.value, bias, dtype=self.dtype)
+        if self.mask is not None:
+            kernel = kernel * self.mask.astype(kernel.dtype)
         y = lax.conv_general_dilated(
             x,
             kernel,
@@ -297,6 +333,7 @@ class Conv(Module):
             rhs_dilation=self.kernel_dilation,
             dimension_numbers=dimension_numbers(n),
             feature_group_count=self.feature_group_count,
+            precision=self.precision,
         )
         if bias is not None:
             y = y + bias
@@ -340,8 +377,11 @@ class ConvTranspose(Module):
             ``(low, high)`` pair per spatial axis.
         kernel_dilation: an int or per-axis ints: the kernel taps are this far apart.
         use_bias: add a bias (default True).
+        mask: an array of the kernel's shape that multiplies the kernel on
+            every call (default None), as in ``Conv``.
         dtype: compute dtype (default: promote input and parameters).
         param_dtype: dtype the parameters are stored in (default float32).
+        precision: ``jax.lax`` precision of the convolution (default None).
         kernel_init: initialiser of the kernel (default LeCun normal).
         bias_init: initialiser of the bias (default zeros).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
@@ -373,8 +413,10 @@ class ConvTranspose(Module):
         padding: PaddingLike = "SAME",
         kernel_dilation: int | Sequence[int] = 1,
         use_bias: bool = True,
+        mask: ArrayLike | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        precision: Any = None,
         kernel_init: Any = default_kernel_init,
         bias_init: Any = jax.nn.initializers.zeros,
         rngs: Rngs | int | jax.Array,
@@ -387,6 +429,7 @@ class ConvTranspose(Module):
         self.padding = canonical_padding(padding, n, where)
         rngs = as_rngs(rngs, "ConvTranspose(rngs=...)")
         shape = (*kernel_size, in_features, out_features)
+        self.mask = check_mask("ConvTranspose", mask, shape)
         self.kernel = Param(kernel_init(rngs.params(), shape, param_dtype))
         self.bias = (
             Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
@@ -395,6 +438,7 @@ class ConvTranspose(Module):
         self.out_features = out_features
         self.kernel_size = kernel_size
         self.dtype = dtype
+        self.precision = precision
 
     def __call__(
         self, x: Float[ArrayLike, "*batch_spatial in"]
@@ -406,6 +450,8 @@ class ConvTranspose(Module):
         x = x.reshape((math.prod(batch), *x.shape[len(batch) :]))
         bias = None if self.bias is None else self.bias.value
         x, kernel, bias = promote_dtype(x, self.kernel.value, bias, dtype=self.dtype)
+        if self.mask is not None:
+            kernel = kernel * self.mask.astype(kernel.dtype)
         y = lax.conv_transpose(
             x,
             kernel,
@@ -413,6 +459,7 @@ class ConvTranspose(Module):
             padding=self.padding,
             rhs_dilation=self.kernel_dilation,
             dimension_numbers=dimension_numbers(n),
+            precision=self.precision,
         )
         if bias is not None:
             y = y + bias

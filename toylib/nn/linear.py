@@ -31,6 +31,8 @@ class Linear(Module):
         use_bias: add a bias (default True).
         dtype: compute dtype (default: promote input and parameters).
         param_dtype: dtype the parameters are stored in (default float32).
+        precision: ``jax.lax`` precision of the matmul (default None: the
+            backend's default; ``"highest"`` for full float32 on TPU/GPU).
         kernel_init: initialiser of the ``(in, out)`` kernel (default LeCun normal).
         bias_init: initialiser of the bias (default zeros).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
@@ -55,6 +57,7 @@ class Linear(Module):
         use_bias: bool = True,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        precision: Any = None,
         kernel_init: Any = default_kernel_init,
         bias_init: Any = jax.nn.initializers.zeros,
         rngs: Rngs | int | jax.Array,
@@ -67,13 +70,14 @@ class Linear(Module):
         self.in_features = in_features
         self.out_features = out_features
         self.dtype = dtype
+        self.precision = precision
 
     def __call__(self, x: Float[ArrayLike, "*batch in"]) -> Float[Array, "*batch out"]:
         x = as_array(x)
         check_features(self, x.shape, self.in_features)
         bias = None if self.bias is None else self.bias.value
         x, kernel, bias = promote_dtype(x, self.kernel.value, bias, dtype=self.dtype)
-        y = x @ kernel
+        y = jnp.matmul(x, kernel, precision=self.precision)
         return y if bias is None else y + bias
 
 
@@ -131,6 +135,7 @@ class Embed(Module):
         dtype: compute dtype (default: the parameters' dtype for lookups,
             promotion with the query for ``attend``).
         param_dtype: dtype the table is stored in (default float32).
+        precision: ``jax.lax`` precision of ``attend``'s matmul (default None).
         embedding_init: initialiser of the ``(num_embeddings, features)``
             table (default normal with variance ``1 / features``, Flax's).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
@@ -154,6 +159,7 @@ class Embed(Module):
         *,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        precision: Any = None,
         embedding_init: Any = default_embed_init,
         rngs: Rngs | int | jax.Array,
     ) -> None:
@@ -163,6 +169,7 @@ class Embed(Module):
         self.num_embeddings = num_embeddings
         self.features = features
         self.dtype = dtype
+        self.precision = precision
 
     def __call__(self, ids: Int[ArrayLike, "*ids"]) -> Float[Array, "*ids features"]:
         ids = as_array(ids)
@@ -185,4 +192,4 @@ class Embed(Module):
         query = as_array(query)
         check_features(self, query.shape, self.features, name="features")
         query, embedding = promote_dtype(query, self.embedding.value, dtype=self.dtype)
-        return query @ embedding.T
+        return jnp.matmul(query, embedding.T, precision=self.precision)

@@ -1,4 +1,11 @@
-"""Normalisation layers: BatchNorm, LayerNorm, RMSNorm, GroupNorm."""
+"""Normalisation layers: BatchNorm, LayerNorm, RMSNorm, GroupNorm, InstanceNorm.
+
+Statistics are taken in at least float32. The variance is two-pass by default
+(the mean, then the mean squared deviation), which stays accurate for inputs
+far from zero; ``use_fast_variance=True`` takes ``E[x^2] - E[x]^2`` in one
+pass instead (Flax's default: one fused reduction, but it cancels badly when
+the mean is large against the spread), clipped at zero.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from toylib._core.variables import BatchStat, Param
 from toylib.nn.checks import check_features
 from toylib.nn.dtypes import promote_dtype
 
-__all__ = ["BatchNorm", "GroupNorm", "LayerNorm", "RMSNorm"]
+__all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm"]
 
 
 class BatchNorm(Module):
@@ -40,7 +47,11 @@ class BatchNorm(Module):
         dtype, param_dtype: compute and storage dtypes.
         use_bias, use_scale: learn a shift ``bias`` / a factor ``scale``.
         axis_name: a vmapped axis to reduce statistics over.
-        rngs: accepted for uniformity with other layers; unused.
+        use_fast_variance: one-pass ``E[x^2] - E[x]^2`` variance (default
+            False: two passes, see the module docstring; Flax's default is True).
+        scale_init, bias_init: initialisers (default ones and zeros).
+        rngs: ``tl.Rngs``, an int seed or a key, only needed by a random
+            initialiser (without it the initialisers get a fixed key).
 
     Example:
         >>> import jax.numpy as jnp, toylib as tl
@@ -64,12 +75,17 @@ class BatchNorm(Module):
         use_bias: bool = True,
         use_scale: bool = True,
         axis_name: str | None = None,
-        rngs: Any = None,
+        use_fast_variance: bool = False,
+        scale_init: Any = jax.nn.initializers.ones,
+        bias_init: Any = jax.nn.initializers.zeros,
+        rngs: Rngs | int | jax.Array | None = None,
     ) -> None:
-        self.mean = BatchStat(jnp.zeros((num_features,), jnp.float32))
-        self.var = BatchStat(jnp.ones((num_features,), jnp.float32))
-        self.scale = Param(jnp.ones((num_features,), param_dtype)) if use_scale else None
-        self.bias = Param(jnp.zeros((num_features,), param_dtype)) if use_bias else None
+        key = _init_keys(rngs, "BatchNorm(rngs=...)")
+        shape = (num_features,)
+        self.mean = BatchStat(jnp.zeros(shape, jnp.float32))
+        self.var = BatchStat(jnp.ones(shape, jnp.float32))
+        self.scale = Param(scale_init(key(), shape, param_dtype)) if use_scale else None
+        self.bias = Param(bias_init(key(), shape, param_dtype)) if use_bias else None
         self.num_features = num_features
         self.use_running_average = use_running_average
         self.axis = axis
@@ -77,6 +93,7 @@ class BatchNorm(Module):
         self.epsilon = epsilon
         self.dtype = dtype
         self.axis_name = axis_name
+        self.use_fast_variance = use_fast_variance
 
     def __call__(
         self, x: Float[ArrayLike, "*shape"], *, use_running_average: bool | None = None
@@ -99,14 +116,8 @@ class BatchNorm(Module):
         if use_running_average:
             mean, var = self.mean.value, self.var.value
         else:
-            mean = stats.mean(reduce)
-            if self.axis_name is not None:
-                mean = jax.lax.pmean(mean, self.axis_name)
-            # Two passes (mean, then mean squared deviation) stay accurate for
-            # inputs far from zero, where E[x^2] - E[x]^2 cancels badly.
-            var = jnp.square(stats - mean.reshape(feature_shape)).mean(reduce)
-            if self.axis_name is not None:
-                var = jax.lax.pmean(var, self.axis_name)
+            mean, var = _mean_var(stats, reduce, self.use_fast_variance, self.axis_name)
+            mean, var = mean.reshape(-1), var.reshape(-1)
             m = self.momentum
             self.mean.value = m * self.mean.value + (1 - m) * mean
             self.var.value = m * self.var.value + (1 - m) * var
@@ -226,6 +237,26 @@ def _stats_input(x: Array) -> Array:
     return jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32))
 
 
+def _mean_var(
+    stats: Array, reduce: tuple[int, ...], fast: bool, axis_name: str | None = None
+) -> tuple[Array, Array]:
+    """Mean and biased variance over ``reduce`` (kept as size-1 axes), optionally over a vmap axis.
+
+    Two passes unless ``fast``: ``E[x^2] - E[x]^2`` loses everything to
+    cancellation once the mean is large against the spread (see the module
+    docstring), so it is only taken when asked for.
+    """
+
+    def mean(v: Array) -> Array:
+        m = v.mean(reduce, keepdims=True)
+        return m if axis_name is None else jax.lax.pmean(m, axis_name)
+
+    mu = mean(stats)
+    if fast:
+        return mu, jnp.maximum(0.0, mean(jnp.square(stats)) - jnp.square(mu))
+    return mu, mean(jnp.square(stats - mu))
+
+
 def _compute_dtype(x: Array) -> Array:
     # An integer input with no float parameters (use_scale=use_bias=False)
     # still gives a float result.
@@ -253,6 +284,8 @@ class LayerNorm(Module):
         use_bias, use_scale: learn a shift ``bias`` / a factor ``scale`` (default True).
         reduction_axes: axes the statistics are taken over (default -1).
         feature_axes: axes ``scale`` and ``bias`` vary along (default -1).
+        use_fast_variance: one-pass ``E[x^2] - E[x]^2`` variance (default
+            False: two passes, see the module docstring; Flax's default is True).
         dtype: compute dtype (default: promote input and parameters).
         param_dtype: dtype the parameters are stored in (default float32).
         scale_init, bias_init: initialisers (default ones and zeros).
@@ -280,6 +313,7 @@ class LayerNorm(Module):
         use_scale: bool = True,
         reduction_axes: Axes = -1,
         feature_axes: Axes = -1,
+        use_fast_variance: bool = False,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         scale_init: Any = jax.nn.initializers.ones,
@@ -294,6 +328,7 @@ class LayerNorm(Module):
         self.epsilon = epsilon
         self.reduction_axes = _as_axes(reduction_axes)
         self.feature_axes = _as_axes(feature_axes)
+        self.use_fast_variance = use_fast_variance
         self.dtype = dtype
 
     def __call__(self, x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
@@ -306,10 +341,8 @@ class LayerNorm(Module):
         x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
         x = _compute_dtype(x)
         stats = _stats_input(x)
-        # Two passes (mean, then mean squared deviation): E[x^2] - E[x]^2
-        # cancels badly for inputs far from zero.
-        centred = stats - stats.mean(reduce, keepdims=True)
-        y = centred * jax.lax.rsqrt(jnp.square(centred).mean(reduce, keepdims=True) + self.epsilon)
+        mean, var = _mean_var(stats, reduce, self.use_fast_variance)
+        y = (stats - mean) * jax.lax.rsqrt(var + self.epsilon)
         shape = _feature_shape(x.shape, features)
         if scale is not None:
             y = y * scale.reshape(shape)
@@ -333,6 +366,8 @@ class RMSNorm(Module):
         use_scale: learn a factor ``scale`` (default True).
         reduction_axes: axes the mean square is taken over (default -1).
         feature_axes: axes ``scale`` varies along (default -1).
+        use_fast_variance: accepted for parity with the other norms and Flax;
+            it changes nothing, the mean square is one pass anyway.
         dtype: compute dtype (default: promote input and parameters).
         param_dtype: dtype the parameters are stored in (default float32).
         scale_init: initialiser of ``scale`` (default ones).
@@ -359,6 +394,7 @@ class RMSNorm(Module):
         use_scale: bool = True,
         reduction_axes: Axes = -1,
         feature_axes: Axes = -1,
+        use_fast_variance: bool = False,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         scale_init: Any = jax.nn.initializers.ones,
@@ -371,6 +407,7 @@ class RMSNorm(Module):
         self.epsilon = epsilon
         self.reduction_axes = _as_axes(reduction_axes)
         self.feature_axes = _as_axes(feature_axes)
+        self.use_fast_variance = use_fast_variance
         self.dtype = dtype
 
     def __call__(self, x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
@@ -418,6 +455,8 @@ class GroupNorm(Module):
         num_spatial: the number of spatial axes, or None (see above).
         epsilon: added to the variance (default 1e-6, Flax's; PyTorch uses 1e-5).
         use_bias, use_scale: learn a shift ``bias`` / a factor ``scale`` (default True).
+        use_fast_variance: one-pass ``E[x^2] - E[x]^2`` variance (default
+            False: two passes, see the module docstring; Flax's default is True).
         dtype: compute dtype (default: promote input and parameters).
         param_dtype: dtype the parameters are stored in (default float32).
         scale_init, bias_init: initialisers (default ones and zeros).
@@ -447,6 +486,7 @@ class GroupNorm(Module):
         epsilon: float = 1e-6,
         use_bias: bool = True,
         use_scale: bool = True,
+        use_fast_variance: bool = False,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         scale_init: Any = jax.nn.initializers.ones,
@@ -483,6 +523,7 @@ class GroupNorm(Module):
         self.group_size = num_features // num_groups
         self.num_spatial = num_spatial
         self.epsilon = epsilon
+        self.use_fast_variance = use_fast_variance
         self.dtype = dtype
 
     def __call__(
@@ -513,11 +554,153 @@ class GroupNorm(Module):
         # spatial axes and group_size, keep batch and groups.
         first_spatial = x.ndim - 1 - spatial
         reduce = (*range(first_spatial, x.ndim - 1), x.ndim)
-        centred = grouped - grouped.mean(reduce, keepdims=True)
-        var = jnp.square(centred).mean(reduce, keepdims=True)
-        y = (centred * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        mean, var = _mean_var(grouped, reduce, self.use_fast_variance)
+        y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
         if scale is not None:
             y = y * scale
         if bias is not None:
             y = y + bias
+        return y.astype(x.dtype)
+
+
+FEATURES_ON_BATCH_AXIS = """\
+{where}: feature_axes={axes} includes axis 0 of an input of shape {shape}, but with
+num_spatial=None axis 0 is the batch (each example is normalised on its own).
+Fix: pick feature axes after the first, or say how many spatial axes precede the
+channels (every axis before them is batch):
+
+    nn.InstanceNorm({features}, num_spatial=2)   # (*batch, h, w, channels)
+"""
+
+INSTANCE_NEEDS_BATCH = """\
+{where}: with num_spatial=None the first axis is the batch, so the input needs
+at least 2 axes (batch, ..., channels); got shape {shape}.
+Fix: say how many spatial axes precede the channels; every axis before them is
+batch (none, one or several, e.g. under tl.vmap):
+
+    nn.InstanceNorm({features}, num_spatial=1)   # (*batch, length, channels)
+    nn.InstanceNorm({features}, num_spatial=2)   # (*batch, h, w, channels)
+"""
+
+SPATIAL_WITH_FEATURE_AXES = """\
+InstanceNorm(num_spatial={spatial}, feature_axes={axes}): num_spatial counts the axes
+just before the channels, so the channels must be the last axis.
+Fix: leave feature_axes=-1 with num_spatial, or use num_spatial=None (axis 0 is
+the batch, every axis but the feature axes is reduced).
+"""
+
+
+class InstanceNorm(Module):
+    """Instance normalisation (Ulyanov et al., 2016): each example and channel on its own.
+
+    The mean and (biased) variance are taken over the spatial axes of each
+    example, separately for every channel, in at least float32; ``scale``
+    and ``bias`` are per channel. It is ``GroupNorm`` with one channel per
+    group, and ``LayerNorm`` over the spatial axes only.
+
+    Which axes are batch, as in ``GroupNorm``: with ``num_spatial=None`` (the
+    default, Flax's convention) axis 0 is the batch and every other axis
+    that is not a feature axis is reduced. With ``num_spatial=k`` the ``k``
+    axes before the channels (the last axis) are reduced and every axis before
+    them is batch: zero, one or several, as under ``tl.vmap``.
+
+    Arguments:
+        num_features: the number of channels (the product, for several feature axes).
+        epsilon: added to the variance (default 1e-6, Flax's; PyTorch uses 1e-5).
+        use_bias, use_scale: learn a shift ``bias`` / a factor ``scale`` (default True).
+        feature_axes: the channel axes (default -1); not axis 0 (the batch).
+        num_spatial: the number of spatial axes, or None (see above).
+        use_fast_variance: one-pass ``E[x^2] - E[x]^2`` variance (default
+            False: two passes, see the module docstring; Flax's default is True).
+        dtype: compute dtype (default: promote input and parameters).
+        param_dtype: dtype the parameters are stored in (default float32).
+        scale_init, bias_init: initialisers (default ones and zeros).
+        rngs: ``tl.Rngs``, an int seed or a key, only needed by a random
+            initialiser (without it the initialisers get a fixed key).
+
+    Returns:
+        A Module called on ``(batch, *spatial, num_features)`` arrays (by
+        default), giving an array of the same shape in the compute dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from toylib import nn
+        >>> y = nn.InstanceNorm(3)(jnp.arange(24.0).reshape(2, 4, 3) ** 2)
+        >>> [round(v, 4) for v in y.mean(1).ravel().tolist()[:3]], y.shape
+        ([0.0, 0.0, 0.0], (2, 4, 3))
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        feature_axes: Axes = -1,
+        num_spatial: int | None = None,
+        use_fast_variance: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        scale_init: Any = jax.nn.initializers.ones,
+        bias_init: Any = jax.nn.initializers.zeros,
+        rngs: Rngs | int | jax.Array | None = None,
+    ) -> None:
+        feature_axes = _as_axes(feature_axes)
+        if num_spatial is not None:
+            if num_spatial < 0:
+                raise ValueError(f"InstanceNorm(num_spatial={num_spatial}): must be >= 0 or None.")
+            if feature_axes != (-1,):
+                raise ValueError(
+                    SPATIAL_WITH_FEATURE_AXES.format(spatial=num_spatial, axes=feature_axes)
+                )
+        key = _init_keys(rngs, "InstanceNorm(rngs=...)")
+        shape = (num_features,)
+        self.scale = Param(scale_init(key(), shape, param_dtype)) if use_scale else None
+        self.bias = Param(bias_init(key(), shape, param_dtype)) if use_bias else None
+        self.num_features = num_features
+        self.epsilon = epsilon
+        self.feature_axes = feature_axes
+        self.num_spatial = num_spatial
+        self.use_fast_variance = use_fast_variance
+        self.dtype = dtype
+
+    def __call__(self, x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+        x = jnp.asarray(x)
+        if self.num_spatial is None:
+            if x.ndim < 2:
+                raise ValueError(
+                    INSTANCE_NEEDS_BATCH.format(
+                        where=module_path(self), shape=x.shape, features=self.num_features
+                    )
+                )
+            _check_feature_axes(self, x.shape, self.num_features, self.feature_axes)
+            features = _canonical_axes(self, self.feature_axes, x.shape, "feature_axes")
+            if 0 in features:
+                raise ValueError(
+                    FEATURES_ON_BATCH_AXIS.format(
+                        where=module_path(self),
+                        axes=self.feature_axes,
+                        shape=x.shape,
+                        features=self.num_features,
+                    )
+                )
+            reduce = tuple(i for i in range(1, x.ndim) if i not in features)
+        else:
+            spatial = self.num_spatial
+            check_features(self, x.shape, self.num_features, name="num_features", spatial=spatial)
+            features = (x.ndim - 1,)
+            reduce = tuple(range(x.ndim - 1 - spatial, x.ndim - 1))
+        scale = None if self.scale is None else self.scale.value
+        bias = None if self.bias is None else self.bias.value
+        x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
+        x = _compute_dtype(x)
+        stats = _stats_input(x)
+        mean, var = _mean_var(stats, reduce, self.use_fast_variance)
+        y = (stats - mean) * jax.lax.rsqrt(var + self.epsilon)
+        shape = _feature_shape(x.shape, features)
+        if scale is not None:
+            y = y * scale.reshape(shape)
+        if bias is not None:
+            y = y + bias.reshape(shape)
         return y.astype(x.dtype)

@@ -1,4 +1,4 @@
-"""Recurrent layers: LSTMCell and GRUCell (one step), RNN (a cell scanned over time).
+"""Recurrent layers: LSTMCell, GRUCell, SimpleCell (one step), RNN (a cell scanned over time).
 
 A cell is called as ``cell(carry, x) -> (new_carry, y)`` on ``x`` of shape
 ``(*batch, in_features)``, Flax's convention. ``nn.RNN(cell)`` runs it over
@@ -31,7 +31,7 @@ from toylib.nn.dtypes import promote_dtype
 from toylib.nn.linear import default_kernel_init
 from toylib.transforms.batching import Carry, scan
 
-__all__ = ["GRUCell", "LSTMCell", "RNN"]
+__all__ = ["GRUCell", "LSTMCell", "RNN", "SimpleCell"]
 
 default_recurrent_kernel_init = jax.nn.initializers.orthogonal()
 
@@ -110,7 +110,16 @@ def _zeros_carry(cell: Any, input_shape: tuple[int, ...]) -> jax.Array:
     return jnp.zeros(shape, _carry_dtype(cell.dtype, cell.param_dtype))
 
 
-class LSTMCell(Module):
+class _Cell(Module):
+    """What the cells share: matmuls at the cell's ``precision``."""
+
+    precision: Any = None
+
+    def _mm(self, a: Array, b: Array) -> Array:
+        return jnp.matmul(a, b, precision=self.precision)
+
+
+class LSTMCell(_Cell):
     """One step of a long short-term memory cell: ``(c, h), x -> (c', h'), h'``.
 
     With ``gate = gate_fn`` (sigmoid) and ``act = activation_fn`` (tanh)::
@@ -145,6 +154,7 @@ class LSTMCell(Module):
             kernel (default orthogonal).
         bias_init: initialiser of each gate's bias (default zeros).
         dtype: compute dtype (default: promote input, carry and parameters).
+        precision: ``jax.lax`` precision of the matmuls (default None).
         param_dtype: dtype the parameters are stored in (default float32).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
 
@@ -174,6 +184,7 @@ class LSTMCell(Module):
         bias_init: Any = jax.nn.initializers.zeros,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        precision: Any = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         rngs = as_rngs(rngs, "LSTMCell(rngs=...)")
@@ -189,6 +200,7 @@ class LSTMCell(Module):
         self.activation_fn = activation_fn
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.precision = precision
 
     def __call__(
         self,
@@ -221,7 +233,7 @@ class LSTMCell(Module):
             self.bias.value,
             dtype=self.dtype,
         )
-        z = x @ kernel + h @ recurrent + bias
+        z = self._mm(x, kernel) + self._mm(h, recurrent) + bias
         i, f, g, o = jnp.split(z, 4, axis=-1)
         new_c = self.gate_fn(f) * c + self.gate_fn(i) * self.activation_fn(g)
         new_h = self.gate_fn(o) * self.activation_fn(new_c)
@@ -239,7 +251,7 @@ class LSTMCell(Module):
         return _zeros_carry(self, input_shape), _zeros_carry(self, input_shape)
 
 
-class GRUCell(Module):
+class GRUCell(_Cell):
     """One step of a gated recurrent unit: ``h, x -> h', h'``.
 
     With ``gate = gate_fn`` (sigmoid) and ``act = activation_fn`` (tanh)::
@@ -276,6 +288,7 @@ class GRUCell(Module):
         bias_init: initialiser of ``bias`` (per gate) and ``recurrent_bias``
             (default zeros).
         dtype: compute dtype (default: promote input, carry and parameters).
+        precision: ``jax.lax`` precision of the matmuls (default None).
         param_dtype: dtype the parameters are stored in (default float32).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
 
@@ -305,6 +318,7 @@ class GRUCell(Module):
         bias_init: Any = jax.nn.initializers.zeros,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        precision: Any = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         rngs = as_rngs(rngs, "GRUCell(rngs=...)")
@@ -321,6 +335,7 @@ class GRUCell(Module):
         self.activation_fn = activation_fn
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.precision = precision
 
     def __call__(
         self, carry: Float[ArrayLike, "*batch hidden"], x: Float[ArrayLike, "*batch in"]
@@ -346,8 +361,8 @@ class GRUCell(Module):
             self.recurrent_bias.value,
             dtype=self.dtype,
         )
-        xr, xz, xn = jnp.split(x @ kernel + bias, 3, axis=-1)
-        hr, hz, hn = jnp.split(h @ recurrent, 3, axis=-1)
+        xr, xz, xn = jnp.split(self._mm(x, kernel) + bias, 3, axis=-1)
+        hr, hz, hn = jnp.split(self._mm(h, recurrent), 3, axis=-1)
         r = self.gate_fn(xr + hr)
         z = self.gate_fn(xz + hz)
         n = self.activation_fn(xn + r * (hn + recurrent_bias))
@@ -360,6 +375,111 @@ class GRUCell(Module):
         Takes the input's shape, like Flax (not the batch shape). The dtype
         is ``dtype`` if set, else ``param_dtype``. ``rngs`` is accepted for
         Flax compatibility and unused (the carry is zeros).
+        """
+        return _zeros_carry(self, input_shape)
+
+
+class SimpleCell(_Cell):
+    """One step of an Elman (vanilla) recurrent cell: ``h, x -> h', h'``.
+
+    ``h' = act(x W + b + h U)``, or with ``residual=True``
+    ``h' = act(x W + b + h U + h)``; ``act = activation_fn`` (tanh).
+    ``kernel = W`` ``(in, H)``, ``recurrent_kernel = U`` ``(H, H)``, ``bias
+    = b`` ``(H,)`` (one bias: the two would only be summed). To copy into
+    ``nnx.SimpleCell``: ``dense_i.kernel = kernel``, ``dense_i.bias = bias``,
+    ``dense_h.kernel = recurrent_kernel``; PyTorch's ``nn.RNN`` holds the
+    transposes and ``bias = b_ih + b_hh``.
+
+    The new carry keeps the dtype of the carry passed in; the output is in
+    the compute dtype.
+
+    Arguments:
+        in_features: size of the input's last axis.
+        hidden_features: size of ``h`` (``H``).
+        residual: add ``h`` before the activation (default False).
+        activation_fn: the activation (default tanh).
+        kernel_init: initialiser of ``kernel`` (default LeCun normal).
+        recurrent_kernel_init: initialiser of ``recurrent_kernel`` (default orthogonal).
+        bias_init: initialiser of ``bias`` (default zeros).
+        dtype: compute dtype (default: promote input, carry and parameters).
+        precision: ``jax.lax`` precision of the matmuls (default None).
+        param_dtype: dtype the parameters are stored in (default float32).
+        rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
+
+    Returns:
+        A Module called as ``cell(h, x)`` on ``x`` ``(*batch, in_features)``
+        and ``h`` ``(*batch, hidden_features)``, giving ``(h', h')``.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from toylib import nn
+        >>> rnn = nn.RNN(nn.SimpleCell(3, 4, rngs=0))
+        >>> rnn(jnp.ones((2, 5, 3))).shape
+        (2, 5, 4)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        *,
+        residual: bool = False,
+        activation_fn: Callable[[Array], Array] = jnp.tanh,
+        kernel_init: Any = default_kernel_init,
+        recurrent_kernel_init: Any = default_recurrent_kernel_init,
+        bias_init: Any = jax.nn.initializers.zeros,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        rngs: Rngs | int | jax.Array,
+    ) -> None:
+        rngs = as_rngs(rngs, "SimpleCell(rngs=...)")
+        n, h = in_features, hidden_features
+        self.kernel = Param(_init_gates(kernel_init, rngs, (n, h), 1, param_dtype))
+        self.recurrent_kernel = Param(
+            _init_gates(recurrent_kernel_init, rngs, (h, h), 1, param_dtype)
+        )
+        self.bias = Param(_init_gates(bias_init, rngs, (h,), 1, param_dtype))
+        self.in_features = in_features
+        self.hidden_features = hidden_features
+        self.residual = residual
+        self.activation_fn = activation_fn
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+
+    def __call__(
+        self, carry: Float[ArrayLike, "*batch hidden"], x: Float[ArrayLike, "*batch in"]
+    ) -> tuple[Float[Array, "*batch hidden"], Float[Array, "*batch hidden"]]:
+        x = jnp.asarray(x)
+        check_features(self, x.shape, self.in_features)
+        if isinstance(carry, tuple | list):
+            raise TypeError(
+                BAD_CARRY_SHAPE.format(
+                    where=module_path(self),
+                    hidden=self.hidden_features,
+                    shape=f"a {type(carry).__name__} (a SimpleCell's carry is one array, h)",
+                )
+            )
+        h_in = jnp.asarray(carry)
+        _check_carry_shape(self, h_in)
+        x, h, kernel, recurrent, bias = promote_dtype(
+            x,
+            h_in,
+            self.kernel.value,
+            self.recurrent_kernel.value,
+            self.bias.value,
+            dtype=self.dtype,
+        )
+        z = self._mm(x, kernel) + bias + self._mm(h, recurrent)
+        new_h = self.activation_fn(z + h if self.residual else z)
+        return new_h.astype(h_in.dtype), new_h
+
+    def initialize_carry(self, input_shape: tuple[int, ...], rngs: Rngs | None = None) -> Array:
+        """Zeros ``h`` for an input of shape ``input_shape`` = ``(*batch, in_features)``.
+
+        As ``GRUCell.initialize_carry``: the input's shape (Flax's), dtype
+        ``dtype`` if set else ``param_dtype``, ``rngs`` unused.
         """
         return _zeros_carry(self, input_shape)
 

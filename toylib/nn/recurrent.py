@@ -89,6 +89,22 @@ def _carry_dtype(dtype: Any, param_dtype: Any) -> Any:
     return param_dtype if dtype is None else dtype
 
 
+def _single_carry(cell: Any, carry: Any) -> jax.Array:
+    """The carry of a one-array cell (GRUCell, SimpleCell), checked: one array, the right shape."""
+    if isinstance(carry, tuple | list):
+        kind = type(cell).__name__
+        raise TypeError(
+            BAD_CARRY_SHAPE.format(
+                where=module_path(cell),
+                hidden=cell.hidden_features,
+                shape=f"a {type(carry).__name__} (a {kind}'s carry is one array, h)",
+            )
+        )
+    h = jnp.asarray(carry)
+    _check_carry_shape(cell, h)
+    return h
+
+
 def _check_carry_shape(cell: Any, h: jax.Array) -> None:
     if h.ndim == 0 or h.shape[-1] != cell.hidden_features:
         raise ValueError(
@@ -342,16 +358,7 @@ class GRUCell(_Cell):
     ) -> tuple[Float[Array, "*batch hidden"], Float[Array, "*batch hidden"]]:
         x = jnp.asarray(x)
         check_features(self, x.shape, self.in_features)
-        if isinstance(carry, tuple | list):
-            raise TypeError(
-                BAD_CARRY_SHAPE.format(
-                    where=module_path(self),
-                    hidden=self.hidden_features,
-                    shape=f"a {type(carry).__name__} (a GRUCell's carry is one array, h)",
-                )
-            )
-        h_in = jnp.asarray(carry)
-        _check_carry_shape(self, h_in)
+        h_in = _single_carry(self, carry)
         x, h, kernel, recurrent, bias, recurrent_bias = promote_dtype(
             x,
             h_in,
@@ -453,16 +460,7 @@ class SimpleCell(_Cell):
     ) -> tuple[Float[Array, "*batch hidden"], Float[Array, "*batch hidden"]]:
         x = jnp.asarray(x)
         check_features(self, x.shape, self.in_features)
-        if isinstance(carry, tuple | list):
-            raise TypeError(
-                BAD_CARRY_SHAPE.format(
-                    where=module_path(self),
-                    hidden=self.hidden_features,
-                    shape=f"a {type(carry).__name__} (a SimpleCell's carry is one array, h)",
-                )
-            )
-        h_in = jnp.asarray(carry)
-        _check_carry_shape(self, h_in)
+        h_in = _single_carry(self, carry)
         x, h, kernel, recurrent, bias = promote_dtype(
             x,
             h_in,

@@ -267,6 +267,25 @@ def _feature_shape(shape: tuple, features: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(n if i in features else 1 for i, n in enumerate(shape))
 
 
+def _standardize(
+    norm: Any, x: jax.Array, reduce: tuple[int, ...], features: tuple[int, ...]
+) -> jax.Array:
+    """``(x - mean) / sqrt(var + epsilon) * scale + bias`` over ``reduce`` (Layer/InstanceNorm)."""
+    scale = None if norm.scale is None else norm.scale.value
+    bias = None if norm.bias is None else norm.bias.value
+    x, scale, bias = promote_dtype(x, scale, bias, dtype=norm.dtype)
+    x = _compute_dtype(x)
+    stats = _stats_input(x)
+    mean, var = _mean_var(stats, reduce, norm.use_fast_variance)
+    y = (stats - mean) * jax.lax.rsqrt(var + norm.epsilon)
+    shape = _feature_shape(x.shape, features)
+    if scale is not None:
+        y = y * scale.reshape(shape)
+    if bias is not None:
+        y = y + bias.reshape(shape)
+    return y.astype(x.dtype)
+
+
 class LayerNorm(Module):
     """Layer normalisation: ``(x - mean) / sqrt(var + epsilon) * scale + bias``.
 
@@ -336,19 +355,7 @@ class LayerNorm(Module):
         _check_feature_axes(self, x.shape, self.num_features, self.feature_axes)
         reduce = _canonical_axes(self, self.reduction_axes, x.shape, "reduction_axes")
         features = _canonical_axes(self, self.feature_axes, x.shape, "feature_axes")
-        scale = None if self.scale is None else self.scale.value
-        bias = None if self.bias is None else self.bias.value
-        x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
-        x = _compute_dtype(x)
-        stats = _stats_input(x)
-        mean, var = _mean_var(stats, reduce, self.use_fast_variance)
-        y = (stats - mean) * jax.lax.rsqrt(var + self.epsilon)
-        shape = _feature_shape(x.shape, features)
-        if scale is not None:
-            y = y * scale.reshape(shape)
-        if bias is not None:
-            y = y + bias.reshape(shape)
-        return y.astype(x.dtype)
+        return _standardize(self, x, reduce, features)
 
 
 class RMSNorm(Module):
@@ -691,16 +698,4 @@ class InstanceNorm(Module):
             check_features(self, x.shape, self.num_features, name="num_features", spatial=spatial)
             features = (x.ndim - 1,)
             reduce = tuple(range(x.ndim - 1 - spatial, x.ndim - 1))
-        scale = None if self.scale is None else self.scale.value
-        bias = None if self.bias is None else self.bias.value
-        x, scale, bias = promote_dtype(x, scale, bias, dtype=self.dtype)
-        x = _compute_dtype(x)
-        stats = _stats_input(x)
-        mean, var = _mean_var(stats, reduce, self.use_fast_variance)
-        y = (stats - mean) * jax.lax.rsqrt(var + self.epsilon)
-        shape = _feature_shape(x.shape, features)
-        if scale is not None:
-            y = y * scale.reshape(shape)
-        if bias is not None:
-            y = y + bias.reshape(shape)
-        return y.astype(x.dtype)
+        return _standardize(self, x, reduce, features)

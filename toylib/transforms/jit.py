@@ -29,12 +29,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax._src.core import get_opaque_trace_state  # not jax.extend's: see variables.py
 
 from toylib._core.graph import watch_graph
 from toylib._core.skeleton import Seq, Static, is_graph_node, rebuild
 from toylib._core.variables import Variable, get_value, set_value
-from toylib._core.variables import _outside_trace as outside_trace
 from toylib.transforms.lifting import (
     Flat,
     Layout,
@@ -148,8 +146,6 @@ class _Compiled:
         before = self.trace.ntraces
         returned = self.jitted(*self.arguments(flat))
         spec = self.spec_after(before, flat.values)
-        if returned and isinstance(returned[0], jax.core.Tracer):
-            check_owned(spec, flat)  # called inside another trace (a raw jax transform)
         return write_back(spec, flat, returned), spec
 
     def spec_after(self, before: int, values: Sequence[Any]) -> OutSpec:
@@ -249,11 +245,9 @@ class Jitted(Transform):
             self._fast = None
             return write_back(trace.last, self._flatten(args, kwargs), returned)  # type: ignore[arg-type]
         if fast.write_rets and isinstance(returned[fast.write_rets[0]], jax.core.Tracer):
-            # Inside another trace (e.g. raw checkify around tl.jit): never write its
-            # tracers into Variables that live outside it.
-            flat = self._flatten(args, kwargs)
-            check_owned(fast.spec, flat)
-            return write_back(fast.spec, flat, returned)
+            # Inside another trace (e.g. raw checkify around tl.jit): write_back
+            # refuses to write its tracers into Variables that live outside it.
+            return write_back(fast.spec, self._flatten(args, kwargs), returned)
         # `any` drains the map: one C-level loop that writes every value.
         any(map(set_value, fast.write_vars, map(returned.__getitem__, fast.write_rets)))
         return fast.out(returned)
@@ -372,20 +366,6 @@ class Jitted(Transform):
 
     def _forget(self, _: Any) -> None:
         self._fast = None
-
-
-def check_owned(spec: OutSpec, flat: Flat) -> None:
-    """Refuse to write traced results into Variables created outside the current trace.
-
-    A raw jax transform (``jax.experimental.checkify``, ``jax.jit``) around a
-    ``tl.jit`` call may hand it the caller's live Module: the results are
-    then tracers of the outer trace, and writing them would leave the live
-    model holding tracers after the outer transform returns.
-    """
-    now = get_opaque_trace_state()
-    for leaf, source in zip(flat.leaves, spec.sources, strict=False):
-        if source < 0 and isinstance(leaf, Variable) and leaf._trace != now:
-            raise RuntimeError(outside_trace(leaf))
 
 
 def _top_skeletons(layout: Layout) -> tuple:

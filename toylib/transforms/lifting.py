@@ -36,7 +36,8 @@ from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 from toylib._core import calls, graph
 from toylib._core.paths import Path, format_path
 from toylib._core.skeleton import is_array, is_graph_node
-from toylib._core.variables import unwrap
+from toylib._core.variables import Variable, unwrap
+from toylib._core.variables import _outside_trace as outside_trace
 
 __all__ = [
     "Flat",
@@ -353,6 +354,8 @@ def write_back(
     ``(argument tops, output)``: the arguments' top-level leaves after the
     call (``tl.scan`` reads its final carry there).
     """
+    if update:
+        check_owned(spec, flat)
     leaves = {
         path: flat.values[s] if s >= 0 else returned[~s]
         for path, s in zip(spec.paths, spec.sources, strict=True)
@@ -363,8 +366,27 @@ def write_back(
     return (tops, out) if with_tops else out
 
 
+def check_owned(spec: OutSpec, flat: Flat) -> None:
+    """Refuse to write results into Variables created outside the current trace.
+
+    A transform called inside another trace can be handed a live Module that
+    the outer function closed over (``tl.grad(lambda x: inner(model, x))``,
+    or a raw ``jax.jit``/``checkify`` around a toylib transform): the results
+    are then tracers of the outer trace, and writing them would leave the
+    model holding tracers after the outer transform returns.
+    """
+    now = get_opaque_trace_state()
+    for leaf, source in zip(flat.leaves, spec.sources, strict=False):
+        if source < 0 and isinstance(leaf, Variable) and leaf._trace != now:
+            raise RuntimeError(outside_trace(leaf))
+
+
 def write_values(flat: Flat, values: Sequence[Any]) -> tuple[tuple, dict]:
     """Write new values (same structure) into the caller's objects: ``(args, kwargs)``."""
+    now = get_opaque_trace_state()
+    for leaf, old, new in zip(flat.leaves, flat.values, values, strict=True):
+        if new is not old and isinstance(leaf, Variable) and leaf._trace != now:
+            raise RuntimeError(outside_trace(leaf))  # as check_owned
     reuse = dict(enumerate(flat.nodes))
     leaves = dict(zip(flat.paths, values, strict=True))
     tops = graph.unflatten(flat.layout.graphdef, leaves, reuse=reuse)

@@ -1641,3 +1641,24 @@ def test_vmap_shared_module_with_bare_array_under_two_axes_raises():
     # Under the same axis it is one object, mapped once.
     out = tl.vmap(lambda o, p, x: o(x) + p[1](x), in_axes=(0, 0, 0))(shared, pair, xs)
     close(out, 2 * (np.asarray(xs) + np.asarray(shared.offset)))
+
+
+def test_unmapped_state_set_per_example_names_it_and_changes_nothing():
+    norm = nn.BatchNorm(3)
+    before = norm.mean.value
+    f = tl.vmap(lambda m, x: m(x[None])[0], in_axes=(None, 0))
+    with pytest.raises(ValueError, match=r"(?s)`args\[0\]\.mean` came out with one value per"):
+        f(norm, jnp.arange(12.0).reshape(4, 3))
+    assert norm.mean.value is before
+
+
+def test_unmapped_module_gaining_a_per_example_variable_names_it():
+    class Tag(tl.Module):
+        def __call__(self, x):
+            self.seen = tl.Variable(x)
+            return x
+
+    tag = Tag()
+    with pytest.raises(ValueError, match=r"`args\[0\]\.seen` came out with one value per"):
+        tl.vmap(lambda m, x: m(x), in_axes=(None, 0))(tag, jnp.ones((4, 3)))
+    assert not hasattr(tag, "seen")

@@ -13,6 +13,7 @@ objects, and may be passed twice with different axes, as in ``jax.vmap``.
 from __future__ import annotations
 
 import functools
+import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -230,6 +231,36 @@ Fix: give the Rngs streams one key per example, as many as the batch:
 (`tl.StateAxes({...: None})`)."""
 
 
+UNBATCHED_UPDATE = """\
+{caller}: `{where}` came out with one value per example, but it is not mapped
+(its in_axes entry is None): the caller holds one value shared by every example,
+so there is no single value to write back. Nothing was changed.
+Fix: map that state too, e.g. `in_axes=(tl.StateAxes({{tl.BatchStat: 0, ...: None}}), 0)`,
+or reduce it over the examples inside the function with a named axis:
+
+    tl.vmap(f, in_axes=(None, 0), axis_name="batch")   # and in f:
+    value = jax.lax.pmean(value, "batch")               # BatchNorm(axis_name="batch") does this
+"""
+
+
+def _unbatched_message(record: tuple, flat: Flat, jax_message: str, caller: str) -> str | None:
+    """UNBATCHED_UPDATE for jax's "axis spec None but output was batched", or None.
+
+    jax names the offending output as ``out_axes[group][k]``: the k-th value
+    returned in that axis group, which ``record`` maps back to its path.
+    """
+    found = re.search(r"out_axes\[(\d+)\]\[(\d+)\]", jax_message)
+    if found is None:
+        return None
+    group, k = int(found[1]), int(found[2])
+    spec, where = record
+    paths = [path for path, s in zip(spec.paths, spec.sources, strict=True) if s < 0]
+    in_group = [path for path, g in zip(paths, where, strict=True) if g == group]
+    if k >= len(in_group) or in_group[k][0] != 0:
+        return None  # an output: jax's own message names out_axes
+    return UNBATCHED_UPDATE.format(caller=caller, where=flat.describe(in_group[k][1:]))
+
+
 def _sizes_message(flat: Flat, axes: list[Any], caller: str) -> str:
     """INCONSISTENT_SIZES: which leaves have which size along their mapped axis."""
     by_size: dict[int, list[int]] = {}
@@ -386,6 +417,10 @@ class Vmapped(Transform):
         except ValueError as error:
             if "inconsistent sizes" in str(error):
                 raise ValueError(_sizes_message(flat, axes, self.label)) from None
+            if record and "but output was batched" in str(error):
+                message = _unbatched_message(record[-1], flat, str(error), self.label)
+                if message is not None:
+                    raise ValueError(message) from None
             raise
         spec, where = record[-1]
         grouped = [iter(group) for group in placed]

@@ -1,5 +1,7 @@
 """tl.jit: stateful, filtered jax.jit (DESIGN.md "Transforms", Principles 3-5)."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -1083,6 +1085,27 @@ def test_a_changing_python_number_warns_once_after_eight_programs():
             step(jnp.ones(1), i)
         for _ in range(10):
             step(jnp.ones(1), jnp.asarray(3))  # traced: one program, no warning
+
+
+def test_a_new_optax_transformation_per_optimizer_warns_naming_the_attribute():
+    import optax
+
+    @tl.jit
+    def step(model, opt, x):
+        grads = tl.grad(lambda m: (m(x) ** 2).mean())(model)
+        opt.update(model, grads)
+
+    with pytest.warns(UserWarning, match=r"(?s)compiled 8 times.*`args\[1\]\.tx`.*once") as seen:
+        for run in range(8):  # a sweep that remakes optax.sgd each run: 8 programs
+            model = nn.Linear(2, 2, rngs=run)
+            step(model, tl.Optimizer(model, optax.sgd(0.1), wrt=tl.Param), jnp.ones((1, 2)))
+    assert seen[0].filename == __file__  # points at the caller's line
+    tx = optax.sgd(0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for run in range(8):  # the same transformation object: one program
+            model = nn.Linear(2, 2, rngs=run)
+            step(model, tl.Optimizer(model, tx, wrt=tl.Param), jnp.ones((1, 2)))
 
 
 def test_jitted_function_is_named_like_the_function_and_lowers():

@@ -30,8 +30,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from toylib._core.graph import watch_graph
-from toylib._core.skeleton import Seq, Static, is_graph_node, rebuild
+from toylib._core.graph import ModuleDef, watch_graph
+from toylib._core.skeleton import Map, Seq, Static, is_graph_node, rebuild
 from toylib._core.variables import Variable, get_value, set_value
 from toylib.transforms.lifting import (
     Flat,
@@ -68,7 +68,50 @@ Fix: pass it as an array, which is traced and compiled once, e.g.
 or, if it really selects different programs, keep it static but pass only a few values.
 """
 
+RETRACING_ATTRIBUTE = """\
+tl.jit({name}) has compiled {count} times because `{where}`, a Python value held
+by an argument, keeps changing (now {value}). Python values in Modules are
+static, as in Equinox and NNX: each new value is a new program.
+Fix: keep the same value from call to call (e.g. make the optax transformation
+once and give that object to every tl.Optimizer: two `optax.adam(1e-3)` are
+different functions), or hold it as data (an array, or a tl.Variable), which is
+traced and compiled once.
+"""
+
 RETRACE_WARNING_AT = 8
+
+
+def _short(value: Any, limit: int = 100) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def static_change(old: Any, new: Any, path: tuple = ()) -> tuple[tuple, Any] | None:
+    """The first Python value that differs between two layouts: ``(path, new value)``.
+
+    Walks the skeletons and ModuleDefs of two GraphDef roots in step; None
+    when the difference is not a changed Python value (new attributes, other
+    types, array shapes).
+    """
+    kind = type(old)
+    if kind is not type(new):
+        return None
+    if kind is Static:
+        return (path, new.value) if old != new else None
+    if kind is Seq:
+        pairs = list(enumerate(zip(old.items, new.items, strict=False)))
+    elif kind is Map or kind is ModuleDef:
+        named_old = dict(old.items if kind is Map else old.attributes)
+        named_new = dict(new.items if kind is Map else new.attributes)
+        pairs = [(k, (a, named_new[k])) for k, a in named_old.items() if k in named_new]
+    else:
+        return None
+    for key, (a, b) in pairs:
+        found = static_change(a, b, (*path, key))
+        if found is not None:
+            return found
+    return None
+
 
 _ARRAYS = (jax.Array, np.ndarray)
 _OBJ, _ARR, _STATIC = "obj", "arr", "static"
@@ -278,35 +321,44 @@ class Jitted(Transform):
         return flat.origin[flat.paths[i][0]] in self._donate
 
     def _note_retrace(self, flat: Flat) -> None:
-        """Warn once per argument whose changing Python value keeps forcing new programs."""
+        """Warn once per Python value whose changes keep forcing new programs.
+
+        The value is found anywhere in the arguments: a top-level Python
+        argument, or a static attribute deep inside a Module (an optax
+        transformation made anew for every ``tl.Optimizer``).
+        """
         previous, self._previous = self._previous, flat.layout
         if previous is None or previous.treedef != flat.layout.treedef:
             return
-        before, now = _top_skeletons(previous), _top_skeletons(flat.layout)
-        if len(before) != len(now):
+        found = static_change(previous.graphdef.root, flat.layout.graphdef.root)
+        if found is None:
             return
-        for t, (old, new) in enumerate(zip(before, now, strict=True)):
-            if type(old) is Static and type(new) is Static and old != new:
-                where = flat.origin[t]
-                count = self._retraces.get(where, 1) + 1
-                self._retraces[where] = count
-                if count == RETRACE_WARNING_AT:
-                    self._warn_retrace(flat, t, new.value, count)
+        path, value = found
+        count = self._retraces.get(path, 1) + 1
+        self._retraces[path] = count
+        if count == RETRACE_WARNING_AT:
+            self._warn_retrace(flat, path, value, count)
 
-    def _warn_retrace(self, flat: Flat, t: int, value: Any, count: int) -> None:
-        where = flat.origin[t]
-        text = f"args[{where}]" if isinstance(where, int) else where
+    def _warn_retrace(self, flat: Flat, path: tuple, value: Any, count: int) -> None:
         name = getattr(self._fn, "__name__", "fn")
+        value = value.value if isinstance(value, StaticArg) else value
+        if len(path) > 1:  # inside a Module or container argument
+            message = RETRACING_ATTRIBUTE.format(
+                name=name, count=count, where=flat.describe(path), value=_short(value)
+            )
+            warnings.warn(message, stacklevel=7)
+            return
+        where = flat.origin[path[0]]
+        text = f"args[{where}]" if isinstance(where, int) else where
         try:
             params = list(inspect.signature(self._fn).parameters)
             where_name = params[where] if isinstance(where, int) else where
         except (TypeError, ValueError, IndexError):
             where_name = text
-        value = value.value if isinstance(value, StaticArg) else value
         message = RETRACING.format(
             name=name, count=count, where=text, value=value, where_name=where_name
         )
-        warnings.warn(message, stacklevel=4)
+        warnings.warn(message, stacklevel=7)
 
     def _record(
         self, compiled: _Compiled, spec: OutSpec, flat: Flat, args: tuple, kwargs: dict

@@ -17,14 +17,14 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n auto --dist loadfile
-	$(BIN)/mkdocs build --strict --quiet --site-dir out/site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir out/site
 
 demo: $(STAMP)
 	$(BIN)/python examples/digits.py
 
 # The docs site, strict (a broken link or a warning fails), into out/site.
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict --site-dir out/site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir out/site
 
 # Benchmarks compare against Equinox and Flax NNX: installed only here.
 bench: $(STAMP)

@@ -333,7 +333,16 @@ class Accuracy(_Mean):
 
 
 class Statistics(NamedTuple):
-    """What ``Welford.compute`` returns (arrays)."""
+    """What ``Welford.compute`` returns (arrays).
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> stats = tl.metrics.Welford()
+        >>> stats.update(values=jnp.array([1.0, 3.0]))
+        >>> result = stats.compute()
+        >>> type(result).__name__, float(result.mean), float(result.std)
+        ('Statistics', 2.0, 1.0)
+    """
 
     mean: Array
     std: Array  # population standard deviation (numpy's default, ddof=0)

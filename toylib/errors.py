@@ -82,6 +82,17 @@ __all__ = [
 ]
 
 ON_ERROR_ENV = "TOYLIB_ON_ERROR"
+"""The environment variable setting the on-error mode: ``raise`` (default), ``nan`` or ``nothing``.
+
+Read when a check is traced; ``tl.errors.on_error(mode)`` overrides it in one thread.
+
+Example:
+    >>> import os, toylib as tl
+    >>> tl.errors.ON_ERROR_ENV
+    'TOYLIB_ON_ERROR'
+    >>> os.environ.get(tl.errors.ON_ERROR_ENV, "raise") in ("raise", "nan", "nothing")
+    True
+"""
 _MODES = ("raise", "nan", "nothing")
 
 NOT_BOOLEAN = """\

@@ -11,6 +11,16 @@ The names follow ``flax.nnx.metrics`` (``Average``, ``Accuracy``,
 ``MultiMetric``, ``Welford``, ``argname``, ``mask``), so a Flax user knows the
 calls; the code is toylib's own.
 
+Example:
+    >>> import jax.numpy as jnp, toylib as tl
+    >>> metrics = tl.metrics.MultiMetric(
+    ...     loss=tl.metrics.Average("loss"), accuracy=tl.metrics.Accuracy()
+    ... )
+    >>> logits = jnp.array([[2.0, 0.0], [0.0, 1.0]])
+    >>> metrics.update(loss=jnp.array(0.5), logits=logits, labels=jnp.array([0, 0]))
+    >>> {name: float(value) for name, value in metrics.compute().items()}
+    {'loss': 0.5, 'accuracy': 0.5}
+
 Decisions:
 
 * ``compute()`` of an empty metric is NaN (0/0), never an error: telling

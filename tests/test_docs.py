@@ -33,6 +33,7 @@ import re
 import types
 from typing import Any
 
+import jax.numpy as jnp
 import pytest
 
 import toylib as tl
@@ -178,3 +179,16 @@ def test_lazy_names_are_shown_from_the_module_that_defines_them():
     for name, module in tl._LAZY.items():
         assert f"{module}.{name}" in directives, f"document tl.{name} as `::: {module}.{name}`"
         assert f"toylib.{name}" not in directives
+
+
+def test_home_and_design_pages_code_runs():
+    namespace: dict = {}
+    for page in ("index.md", "design.md"):
+        path = ROOT / "docs" / page
+        blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+        assert blocks, page
+        for block in blocks:
+            exec(compile(block, str(path), "exec"), namespace)
+    assert float(namespace["loss"]) > 0  # index.md's train step ran
+    layer = namespace["Linear"](3, 2, rngs=tl.Rngs(0))  # design.md's Module
+    assert layer(jnp.ones(3)).shape == (2,) and int(layer.count.value) == 1

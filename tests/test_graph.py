@@ -73,7 +73,7 @@ def objects(root):
     }
 
 
-# -- the DESIGN.md table, as written there -------------------------------------------
+# -- the docs/design.md table, as written there --------------------------------------
 
 
 def test_design_table_examples():

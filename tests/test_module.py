@@ -12,7 +12,7 @@ from toylib import nn
 
 
 class Linear(tl.Module):
-    """The DESIGN.md example module."""
+    """The docs/design.md example module."""
 
     def __init__(self, din, dout, *, rngs: tl.Rngs):
         self.w = tl.Param(jax.random.uniform(rngs.params(), (din, dout)))

@@ -149,7 +149,7 @@ def test_grad_of_a_state_argument_is_a_state_of_the_same_paths():
 
 
 def test_grad_of_a_bare_variable_argument_is_that_variable_type_holding_the_gradient():
-    # DESIGN "Transforms": every transform takes Variables in any argument position.
+    # docs/design.md "Transforms": every transform takes Variables in any argument position.
     x = jnp.asarray([1.0, -2.0, 3.0])
     param = tl.Param(x)
     g = tl.grad(lambda p: (p.value**2).sum())(param)

@@ -1,4 +1,4 @@
-"""tl.jit: stateful, filtered jax.jit (DESIGN.md "Transforms", Principles 3-5)."""
+"""tl.jit: stateful, filtered jax.jit (docs/design.md "Transforms", Principles 3-5)."""
 
 import warnings
 

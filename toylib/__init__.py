@@ -2,7 +2,7 @@
 
 Modules are ordinary mutable Python objects and JAX pytrees; state lives in
 typed Variables; ``split``/``merge``/``state``/``update``/``pop`` give a
-functional view that keeps shared references. See DESIGN.md and README.md.
+functional view that keeps shared references. See docs/design.md and README.md.
 
 ``tl.Optimizer``/``tl.OptState`` (optax) and ``tl.save``/``tl.load`` (orbax)
 are loaded on first use, and treescope and rich are imported by the calls

@@ -82,6 +82,17 @@ __all__ = [
 ]
 
 ON_ERROR_ENV = "TOYLIB_ON_ERROR"
+"""The environment variable setting the on-error mode: ``raise`` (default), ``nan`` or ``nothing``.
+
+Read when a check is traced; ``tl.errors.on_error(mode)`` overrides it in one thread.
+
+Example:
+    >>> import os, toylib as tl
+    >>> tl.errors.ON_ERROR_ENV
+    'TOYLIB_ON_ERROR'
+    >>> os.environ.get(tl.errors.ON_ERROR_ENV, "raise") in ("raise", "nan", "nothing")
+    True
+"""
 _MODES = ("raise", "nan", "nothing")
 
 NOT_BOOLEAN = """\
@@ -117,6 +128,15 @@ class RuntimeCheckError(RuntimeError):
 
     ``error.where`` says where the check was written (the Module and the
     transform running when it was traced).
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> try:
+        ...     tl.error_if(jnp.array([1.0, -1.0]), jnp.array([False, True]), "negative")
+        ... except tl.RuntimeCheckError as error:
+        ...     print(error)
+        negative
+          (tl.error_if)
     """
 
     def __init__(self, message: str, where: str = "") -> None:
@@ -331,6 +351,15 @@ def reraise(error: BaseException) -> None:
 
     The transforms call it on ``jax.errors.JaxRuntimeError``; the original
     error stays attached as ``__cause__``.
+
+    Example:
+        >>> import toylib as tl
+        >>> try:
+        ...     raise ValueError("not a check")
+        ... except ValueError as error:
+        ...     tl.errors.reraise(error)  # returns: the caller re-raises its own error
+        ...     print("not converted:", error)
+        not converted: not a check
     """
     if isinstance(error, RuntimeCheckError):
         return
@@ -384,7 +413,17 @@ def checkify(fn: Callable | None = None, *, errors: Any = None) -> Any:
 
 
 class Checkified(Transform):
-    """The callable ``tl.checkify`` returns. See ``checkify``."""
+    """The callable ``tl.checkify`` returns. See ``checkify``.
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> checked = tl.checkify(lambda x: tl.error_if(x, x < 0, "negative"))
+        >>> type(checked).__name__, checked
+        ('Checkified', <tl.checkify(<lambda>)>)
+        >>> err, out = checked(jnp.array(-1.0))
+        >>> print(err.get())
+        negative...
+    """
 
     kind = "tl.checkify"
 

@@ -11,6 +11,16 @@ The names follow ``flax.nnx.metrics`` (``Average``, ``Accuracy``,
 ``MultiMetric``, ``Welford``, ``argname``, ``mask``), so a Flax user knows the
 calls; the code is toylib's own.
 
+Example:
+    >>> import jax.numpy as jnp, toylib as tl
+    >>> metrics = tl.metrics.MultiMetric(
+    ...     loss=tl.metrics.Average("loss"), accuracy=tl.metrics.Accuracy()
+    ... )
+    >>> logits = jnp.array([[2.0, 0.0], [0.0, 1.0]])
+    >>> metrics.update(loss=jnp.array(0.5), logits=logits, labels=jnp.array([0, 0]))
+    >>> {name: float(value) for name, value in metrics.compute().items()}
+    {'loss': 0.5, 'accuracy': 0.5}
+
 Decisions:
 
 * ``compute()`` of an empty metric is NaN (0/0), never an error: telling
@@ -333,7 +343,16 @@ class Accuracy(_Mean):
 
 
 class Statistics(NamedTuple):
-    """What ``Welford.compute`` returns (arrays)."""
+    """What ``Welford.compute`` returns (arrays).
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> stats = tl.metrics.Welford()
+        >>> stats.update(values=jnp.array([1.0, 3.0]))
+        >>> result = stats.compute()
+        >>> type(result).__name__, float(result.mean), float(result.std)
+        ('Statistics', 2.0, 1.0)
+    """
 
     mean: Array
     std: Array  # population standard deviation (numpy's default, ddof=0)

@@ -132,7 +132,18 @@ restore one, use tl.load with an optimizer built like the saved one.
 
 
 class OptState(Variable):
-    """A piece of optimiser state (moments, counts): not a Param, not trained."""
+    """A piece of optimiser state (moments, counts): not a Param, not trained.
+
+    Example:
+        >>> import optax, toylib as tl
+        >>> from toylib import nn
+        >>> model = nn.Linear(2, 1, rngs=0)
+        >>> optimizer = tl.Optimizer(model, optax.adam(1e-3))
+        >>> {type(v).__name__ for _, v in tl.iter_variables(optimizer)}
+        {'OptState'}
+        >>> tl.state(model, tl.OptState).flat()  # the model holds none
+        {}
+    """
 
     __slots__ = ()
 

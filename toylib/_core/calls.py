@@ -200,7 +200,20 @@ def module_path(module: Any) -> str:
 
 
 def call_path(module: Any) -> str:
-    """``module_path`` without the type: ``model.blocks[2].attn``."""
+    """``module_path`` without the type: ``model.blocks[2].attn``.
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> from toylib import nn
+        >>> model = nn.Sequential(nn.Linear(2, 2, rngs=0), nn.Linear(2, 1, rngs=1))
+        >>> paths = []
+        >>> def record(module, args, kwargs, out):
+        ...     paths.append(tl.call_path(module))
+        >>> with tl.forward_hook(record):
+        ...     _ = model(jnp.ones(2))
+        >>> paths
+        ['model.layers[0]', 'model.layers[1]', 'model']
+    """
     stack = running()
     chain = [m for i, m in enumerate(stack) if i == 0 or m is not stack[i - 1]]
     if not chain or chain[-1] is not module:

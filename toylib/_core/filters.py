@@ -77,7 +77,14 @@ class Filter:
 
 
 class OfType(Filter):
-    """Matches instances of a type: what the filter ``tl.Param`` means."""
+    """Matches instances of a type: what the filter ``tl.Param`` means.
+
+    Example:
+        >>> import toylib as tl
+        >>> is_param = tl.filters.to_predicate(tl.Param)
+        >>> type(is_param).__name__, is_param((), tl.Param(1.0)), is_param((), tl.BatchStat(1.0))
+        ('OfType', True, False)
+    """
 
     __slots__ = ()
 
@@ -89,7 +96,14 @@ class OfType(Filter):
 
 
 class Everything(Filter):
-    """Matches everything: what ``...`` and ``True`` mean."""
+    """Matches everything: what ``...`` and ``True`` mean.
+
+    Example:
+        >>> import toylib as tl
+        >>> everything = tl.filters.to_predicate(...)
+        >>> type(everything).__name__, everything(("any", "path"), tl.Cache(0.0))
+        ('Everything', True)
+    """
 
     __slots__ = ()
 
@@ -101,7 +115,14 @@ class Everything(Filter):
 
 
 class Nothing(Filter):
-    """Matches nothing: what ``None`` and ``False`` mean."""
+    """Matches nothing: what ``None`` and ``False`` mean.
+
+    Example:
+        >>> import toylib as tl
+        >>> nothing = tl.filters.to_predicate(None)
+        >>> type(nothing).__name__, nothing(("kernel",), tl.Param(1.0))
+        ('Nothing', False)
+    """
 
     __slots__ = ()
 
@@ -113,7 +134,16 @@ class Nothing(Filter):
 
 
 def to_predicate(filter: _Any) -> Predicate:
-    """Turn a filter into a predicate ``(path, value) -> bool`` (a hashable ``Filter``)."""
+    """Turn a filter into a predicate ``(path, value) -> bool`` (a hashable ``Filter``).
+
+    Example:
+        >>> import toylib as tl
+        >>> in_attn = tl.filters.to_predicate(tl.PathContains("attn"))
+        >>> in_attn(("blocks", 0, "attn", "kernel"), tl.Param(1.0)), in_attn(("mlp",), None)
+        (True, False)
+        >>> in_attn == tl.filters.to_predicate(tl.PathContains("attn"))  # keys caches alike
+        True
+    """
     if isinstance(filter, Filter):
         return filter
     if isinstance(filter, type):
@@ -143,6 +173,13 @@ def check_catch_all_last(
     """A catch-all followed by more filters is an error; ``fixed(order)`` shows the fix.
 
     ``order`` lists the filters' positions with the catch-all moved last.
+
+    Example:
+        >>> import toylib as tl
+        >>> tl.filters.check_catch_all_last([tl.Param, ...], "split", str)  # fine
+        >>> tl.filters.check_catch_all_last([..., tl.Param], "split", str)
+        Traceback (most recent call last):
+        ValueError: split: ...
     """
     for i, f in enumerate(filters[:-1]):
         if is_catch_all(f):
@@ -158,12 +195,26 @@ def check_catch_all_last(
 
 
 def is_catch_all(filter: _Any) -> bool:
-    """Whether ``filter`` matches everything (``...``, ``True``, ``Everything()``)."""
+    """Whether ``filter`` matches everything (``...``, ``True``, ``Everything()``).
+
+    Example:
+        >>> import toylib as tl
+        >>> [tl.filters.is_catch_all(f) for f in (..., True, tl.Param, None)]
+        [True, True, False, False]
+    """
     return filter is Ellipsis or filter is True or isinstance(filter, Everything)
 
 
 def filter_repr(filter: _Any) -> str:
-    """The filter as code: ``tl.Param``, ``...``, ``tl.Any(tl.Param, ...)``."""
+    """The filter as code: ``tl.Param``, ``...``, ``tl.Any(tl.Param, ...)``.
+
+    Example:
+        >>> import toylib as tl
+        >>> tl.filters.filter_repr(tl.Param), tl.filters.filter_repr(...)
+        ('tl.Param', '...')
+        >>> print(tl.filters.filter_repr(tl.Any(tl.Param, tl.PathContains("attn"))))
+        tl.Any(tl.Param, tl.PathContains('attn'))
+    """
     if filter is Ellipsis:
         return "..."
     if isinstance(filter, type):
@@ -205,7 +256,16 @@ class Any(_Combinator):
 
 
 class All(_Combinator):
-    """Matches when every filter matches."""
+    """Matches when every filter matches.
+
+    Example:
+        >>> import toylib as tl
+        >>> from toylib import nn
+        >>> model = nn.Linear(2, 3, rngs=0)
+        >>> kernels = tl.All(tl.Param, tl.PathContains("kernel"))
+        >>> [p for p, _ in tl.iter_variables(model, kernels)]
+        [('kernel',)]
+    """
 
     __slots__ = ()
 

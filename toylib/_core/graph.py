@@ -134,6 +134,16 @@ class GraphDef:
     ``graphdef.apply(*states)(x)`` calls the merged model and returns
     ``(out, (new_state, new_graphdef))``; ``.apply(*states).method(x)`` and
     ``.apply(*states).submodule(x)`` call a method or a submodule instead.
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> from toylib import nn
+        >>> graphdef, state = tl.split(nn.Linear(2, 1, rngs=0))
+        >>> out, (new_state, new_graphdef) = graphdef.apply(state)(jnp.ones(2))
+        >>> out.shape, new_graphdef == graphdef
+        ((1,), True)
+        >>> graphdef == tl.split(nn.Linear(2, 1, rngs=1))[0]  # structure, not values
+        True
     """
 
     __slots__ = ("_cache", "_hash", "root")

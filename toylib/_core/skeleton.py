@@ -44,8 +44,17 @@ __all__ = [
 
 
 def is_array(x: Any) -> bool:
-    """Whether ``x`` is a data leaf: a jax or numeric numpy array, or its abstract
-    stand-in ``jax.ShapeDtypeStruct`` (what ``tl.eval_shape`` leaves in a model)."""
+    """Whether ``x`` is a data leaf: a jax or numeric numpy array, or a stand-in for one.
+
+    The stand-in is ``jax.ShapeDtypeStruct``, what ``tl.eval_shape`` leaves in a model.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, toylib as tl
+        >>> tl.is_array(jnp.ones(2)), tl.is_array(np.ones(2)), tl.is_array(1.0)
+        (True, True, False)
+        >>> tl.is_array(jax.ShapeDtypeStruct((2,), jnp.float32))
+        True
+    """
     return isinstance(x, jax.Array | jax.ShapeDtypeStruct) or (
         isinstance(x, np.ndarray) and x.dtype != object
     )

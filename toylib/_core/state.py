@@ -50,6 +50,19 @@ class State(MutableMapping):
         The State. ``state.flat()`` gives ``{path_tuple: Variable}``,
         ``State.from_flat`` is its inverse; ``state.filter(...)`` and
         ``state.split(...)`` select by filters; ``State.merge`` combines.
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> state = tl.State({"layer": {"w": tl.Param(jnp.ones(2)), "n": tl.BatchStat(0)}})
+        >>> state
+        State({
+          'layer': State({
+            'w': Param(float32[2]),
+            'n': BatchStat(0),
+          }),
+        })
+        >>> list(state.filter(tl.Param).flat())
+        [('layer', 'w')]
     """
 
     __slots__ = ("_mapping",)

@@ -517,30 +517,75 @@ _register(Variable)
 
 
 class Param(Variable):
-    """A trainable parameter: the default ``wrt`` of gradients and optimisers."""
+    """A trainable parameter: the default ``wrt`` of gradients and optimisers.
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> from toylib import nn
+        >>> w = tl.Param(jnp.ones(2))
+        >>> w, (w * 2).tolist()
+        (Param(float32[2]), [2.0, 2.0])
+        >>> sorted(tl.state(nn.Linear(2, 3, rngs=0), tl.Param).flat())
+        [('bias',), ('kernel',)]
+    """
 
     __slots__ = ()
 
 
 class BatchStat(Variable):
-    """A running statistic (BatchNorm's mean and variance): updated, not trained."""
+    """A running statistic (BatchNorm's mean and variance): updated, not trained.
+
+    Example:
+        >>> import toylib as tl
+        >>> from toylib import nn
+        >>> sorted(tl.state(nn.BatchNorm(3), tl.BatchStat).flat())
+        [('mean',), ('var',)]
+    """
 
     __slots__ = ()
 
 
 class Cache(Variable):
-    """A decoding cache (attention keys and values)."""
+    """A decoding cache (attention keys and values).
+
+    Example:
+        >>> import toylib as tl
+        >>> from toylib import nn
+        >>> attn = nn.MultiHeadAttention(num_heads=1, in_features=4, rngs=0)
+        >>> attn.init_cache((1, 8, 4))  # batch 1, up to 8 tokens
+        >>> sorted(tl.state(attn, tl.Cache).flat())
+        [('cache_index',), ('cached_key',), ('cached_value',)]
+    """
 
     __slots__ = ()
 
 
 class Intermediate(Variable):
-    """A captured activation, typically removed afterwards with ``tl.pop``."""
+    """A captured activation, typically removed afterwards with ``tl.pop``.
+
+    Example:
+        >>> import jax.numpy as jnp, toylib as tl
+        >>> class Net(tl.Module):
+        ...     def __call__(self, x):
+        ...         self.sow(tl.Intermediate, "hidden", x * 2)
+        ...         return x + 1
+        >>> net = Net()
+        >>> _ = net(jnp.ones(2))
+        >>> captured = tl.pop(net, tl.Intermediate)
+        >>> captured["hidden"].value[0].tolist(), hasattr(net, "hidden")
+        ([2.0, 2.0], False)
+    """
 
     __slots__ = ()
 
 
 class RngState(Variable):
-    """The key or counter of a random-number stream (see ``tl.Rngs``)."""
+    """The key or counter of a random-number stream (see ``tl.Rngs``).
+
+    Example:
+        >>> import toylib as tl
+        >>> [(p, type(v).__name__) for p, v in tl.iter_variables(tl.Rngs(0))]
+        [(('default', 'key'), 'RngState'), (('default', 'count'), 'RngState')]
+    """
 
     __slots__ = ()

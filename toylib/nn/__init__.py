@@ -1,7 +1,27 @@
 """toylib.nn: layers, activations and initialisers.
 
 Layers are batched by leading dimensions: ``(*batch, features)``.
-Activations and initialisers are ``jax.nn``'s, re-exported.
+Activations and initialisers are ``jax.nn``'s, re-exported (and documented
+by JAX); the example calls each of them.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from toylib import nn
+    >>> mlp = nn.MLP([3, 8, 2], activation=nn.gelu, rngs=0)
+    >>> mlp(jnp.ones((5, 3))).shape
+    (5, 2)
+    >>> x = jnp.linspace(-2.0, 2.0, 4)
+    >>> elementwise = [nn.celu, nn.elu, nn.gelu, nn.hard_tanh, nn.leaky_relu, nn.log_sigmoid,
+    ...                nn.relu, nn.relu6, nn.selu, nn.sigmoid, nn.silu, nn.soft_sign,
+    ...                nn.softplus, nn.swish, nn.tanh, nn.softmax, nn.log_softmax, nn.standardize]
+    >>> all(f(x).shape == x.shape for f in elementwise)
+    True
+    >>> nn.glu(jnp.ones(4)).shape, nn.logsumexp(x).shape  # glu halves the last axis
+    ((2,), ())
+    >>> nn.one_hot(jnp.array([0, 2]), 3).tolist()
+    [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    >>> nn.Linear(2, 3, kernel_init=nn.initializers.orthogonal(), rngs=0).kernel.shape
+    (2, 3)
 """
 
 from jax.nn import (

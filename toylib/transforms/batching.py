@@ -138,7 +138,17 @@ class _CarryType:
 
 
 Carry = _CarryType()
-"""Marks the carried argument (in ``in_axes``) and output (in ``out_axes``) of ``tl.scan``."""
+"""Marks the carried argument (in ``in_axes``) and output (in ``out_axes``) of ``tl.scan``.
+
+Example:
+    >>> import jax.numpy as jnp, toylib as tl
+    >>> def body(total, x):
+    ...     return total + x, total
+    >>> scanned = tl.scan(body, in_axes=(tl.Carry, 0), out_axes=(tl.Carry, 0))
+    >>> total, before = scanned(jnp.array(0.0), jnp.arange(4.0))
+    >>> float(total), before.tolist(), tl.Carry
+    (6.0, [0.0, 0.0, 1.0, 3.0], tl.Carry)
+"""
 
 
 def _is_int(value: Any) -> bool:

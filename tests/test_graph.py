@@ -627,3 +627,17 @@ def test_a_model_is_freed_on_del_without_the_cycle_collector(use):
     finally:
         if was_enabled:
             gc.enable()
+
+
+def test_update_refuses_two_states_setting_one_path_to_different_values():
+    model = nn.Linear(2, 2, rngs=0)
+    _, params, rest = tl.split(model, tl.Param, ...)
+    trained = jax.tree.map(lambda x: x + 1.0, params)
+    before = model.kernel.value
+    with pytest.raises(ValueError, match=r"`model\.kernel` is set by State 1 and by State 2"):
+        tl.update(model, trained, tl.state(model))  # the stale full state would win
+    assert model.kernel.value is before
+    tl.update(model, trained, rest)  # disjoint: fine
+    assert np.allclose(np.asarray(model.kernel.value), np.asarray(before) + 1.0)
+    same = tl.state(model)
+    tl.update(model, same, same)  # the same values twice: nothing to choose

@@ -186,3 +186,14 @@ def test_metadata_write_is_seen_by_watchers():
     assert token.valid
     v.scale = 2.0
     assert not token.valid
+
+
+def test_numpy_array_on_the_left_of_a_variable_gives_a_jax_array():
+    p = tl.Param(jnp.ones((3, 2)))
+    x = np.ones((4, 3), np.float32)
+    for result in (x @ p, np.ones((3, 2)) + p, np.float32(2) * p, np.ones(2) - p[0]):
+        assert isinstance(result, jax.Array)
+    # Traced: numpy defers to the Variable instead of converting the tracer.
+    out = tl.jit(lambda p: x @ p)(p)
+    assert out.shape == (4, 2)
+    assert np.allclose(np.asarray(out), 3.0)

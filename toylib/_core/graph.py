@@ -449,6 +449,16 @@ def _diff(expected: tuple[Path, ...], given: dict[Path, Any]) -> str:
     return "\n".join(lines)
 
 
+UPDATE_OVERLAP = """\
+tl.update: `{path}` is set by State {first} and by State {second}, to different values;
+only one of them can be written. Nothing was changed.
+Fix: pass each Variable once, e.g. the parts of one split, or drop the stale copy:
+
+    graphdef, params, rest = tl.split(model, tl.Param, ...)
+    tl.update(model, new_params, rest)        # not new_params plus a full old state
+"""
+
+
 def update(node: Any, *states: State) -> None:
     """Write the States' values into the live Variables of ``node``, in place.
 
@@ -457,7 +467,9 @@ def update(node: Any, *states: State) -> None:
     of the type the model has there; the value must have the shape and dtype
     of the one it replaces (a Python number for a 0-d array is converted).
     Only values change: the model keeps its own Variable objects, so other
-    references to them see the new values.
+    references to them see the new values. Two States that set the same path
+    to different values are an error (NNX keeps the last one silently, which
+    loses trained values in ``tl.update(model, trained_params, full_state)``).
 
     Example:
         >>> import jax, toylib as tl
@@ -476,9 +488,15 @@ def update(node: Any, *states: State) -> None:
                 f"tl.update: expected States after the model, got a {type(s).__name__}. "
                 "Fix: tl.update(model, state) with a State from tl.state or tl.split."
             )
-    writes = [
-        _planned_write(node, live, path, new) for s in states for path, new in s.flat().items()
-    ]
+    given: dict[Path, tuple[int, Any]] = {}
+    for number, s in enumerate(states, 1):
+        for path, new in s.flat().items():
+            first = given.setdefault(path, (number, new))
+            if first[0] != number and unwrap(first[1]) is not unwrap(new):
+                raise ValueError(
+                    UPDATE_OVERLAP.format(path=format_path(path), first=first[0], second=number)
+                )
+    writes = [_planned_write(node, live, path, new) for path, (_, new) in given.items()]
     write_all(writes)
 
 

@@ -242,6 +242,12 @@ class Variable:
 
     # -- array protocol ------------------------------------------------------
 
+    # `numpy_array @ variable` (or + - * ...): without this numpy computes the
+    # op itself through __array__, which returns a numpy array eagerly and
+    # fails on a traced value; jax.Array's own priority makes numpy defer to
+    # the Variable's reflected operator instead, so the result is a jax Array.
+    __array_priority__ = 100
+
     def __jax_array__(self) -> Any:
         return self._value
 

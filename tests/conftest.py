@@ -15,6 +15,23 @@ from toylib import nn
 from toylib._core import graph
 from toylib._core.variables import unwrap
 
+# -- data -----------------------------------------------------------------------------------
+
+
+def rand(seed, *shape):
+    """A float32 numpy array of standard normals, fixed by ``seed``."""
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def np_init(seed):
+    """An initialiser from numpy: fixed values, and no XLA compile per new shape.
+
+    (``jax.random`` compiles a threefry kernel for every new shape, seconds each
+    on a busy 2-core machine, so only the default-initialiser tests use it.)
+    """
+    return lambda key, shape, dtype=jnp.float32: jnp.asarray(rand(seed, *shape), dtype)
+
+
 # -- models ---------------------------------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_trees_close
+from conftest import assert_trees_close, rand
 from flax import nnx
 
 import toylib as tl
@@ -22,10 +22,6 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 apply = tl.jit(lambda rnn, x, **kwargs: rnn(x, **kwargs))
 step = tl.jit(lambda cell, carry, x: cell(carry, x))  # one cell step, jitted likewise
 flax_step = jax.jit(lambda cell, carry, x: cell(carry, x))  # nnx Modules are pytrees
-
-
-def rand(seed, *shape):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 def make_cell(kind, seed=0, **kwargs):

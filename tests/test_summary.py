@@ -5,7 +5,7 @@ import io
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import DropBlock
+from conftest import DropBlock, np_init
 from rich.console import Console
 
 import toylib as tl
@@ -56,11 +56,11 @@ def test_sequential_of_linears_functions_are_not_rows():
 
 def test_small_cnn():
     n, h, w, c, out = 2, 8, 8, 3, 4
-    model = nn.Sequential(
-        nn.Conv(c, out, (3, 3), padding="VALID", rngs=0),
+    model = nn.Sequential(  # numpy initialisers: no jax.random compile per kernel shape
+        nn.Conv(c, out, (3, 3), padding="VALID", kernel_init=np_init(0), rngs=0),
         nn.MaxPool((2, 2)),
         lambda x: x.reshape(x.shape[0], -1),
-        nn.Linear(3 * 3 * out, 10, rngs=1),
+        nn.Linear(3 * 3 * out, 10, kernel_init=np_init(1), rngs=1),
     )
     s = tl.summary(model, jax.ShapeDtypeStruct((n, h, w, c), jnp.float32), console=quiet())
     conv, pool, dense = s.rows[1:]

@@ -5,16 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import CountingLinear
+from conftest import CountingLinear, rand
 
 import toylib as tl
 from toylib import nn
 
 TOL = {"rtol": 1e-6, "atol": 1e-6}
-
-
-def rand(seed, *shape):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 X = jnp.asarray(rand(0, 4, 3))  # inputs of a Linear(3, 2)

@@ -44,10 +44,13 @@ lock:
 	} > $(LOCK).new; \
 	mv $(LOCK).new $(LOCK); echo "wrote $(LOCK) ($$(grep -vc '^#' $(LOCK)) packages)"
 
+# --dist loadfile: a file's tests share compiled shapes and module-scoped
+# fixtures (test_gpt.py trains its model once); spread over both workers they
+# would compile and train twice. --durations: the slowest tests, in every log.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -n auto --dist loadfile
+	$(BIN)/python -m pytest -n auto --dist loadfile --durations=15
 
 demo: $(STAMP)
 	$(BIN)/python examples/digits.py

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests."""
+"""Helpers and small models shared by the tests."""
 
 from __future__ import annotations
 
@@ -6,8 +6,114 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import toylib as tl
+from toylib import nn
 from toylib._core import graph
 from toylib._core.variables import unwrap
+
+# -- data -----------------------------------------------------------------------------------
+
+
+def rand(seed, *shape):
+    """A float32 numpy array of standard normals, fixed by ``seed``."""
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def np_init(seed):
+    """An initialiser from numpy: fixed values, and no XLA compile per new shape.
+
+    (``jax.random`` compiles a threefry kernel for every new shape, seconds each
+    on a busy 2-core machine, so only the default-initialiser tests use it.)
+    """
+    return lambda key, shape, dtype=jnp.float32: jnp.asarray(rand(seed, *shape), dtype)
+
+
+# -- models ---------------------------------------------------------------------------------
+
+
+class Block(tl.Module):
+    """A Linear (which may be shared between blocks) then a BatchNorm."""
+
+    def __init__(self, linear: nn.Linear):
+        self.linear = linear
+        self.bn = nn.BatchNorm(linear.out_features)
+
+    def __call__(self, x):
+        return self.bn(self.linear(x))
+
+
+class DropBlock(tl.Module):
+    """Linear, BatchNorm, Dropout, gelu: one of each kind of state (NNX's ScanMLP block)."""
+
+    def __init__(self, dim: int, *, rngs):
+        self.linear = nn.Linear(dim, dim, rngs=rngs)
+        self.bn = nn.BatchNorm(dim)
+        self.dropout = nn.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x, *, scale=1.0):
+        return jax.nn.gelu(self.dropout(self.bn(self.linear(x)))) * scale
+
+
+class Counter(tl.Module):
+    """Counts its calls in an integer Variable; doubles its input."""
+
+    def __init__(self, start=0):
+        self.count = tl.Variable(jnp.array(start))
+
+    def __call__(self, x):
+        self.count += 1
+        return x * 2.0
+
+
+class CountingLinear(nn.Linear):
+    """NNX README's counting Linear: a Linear with a call counter in a plain Variable."""
+
+    def __init__(self, in_features: int, out_features: int, *, rngs):
+        super().__init__(in_features, out_features, rngs=rngs)
+        self.count = tl.Variable(jnp.array(0))
+
+    def __call__(self, x):
+        self.count += 1
+        return super().__call__(x)
+
+
+class Tied(tl.Module):
+    """An embedding whose table is also the output projection (one Variable, two places)."""
+
+    def __init__(self, *, rngs, param_dtype=jnp.float32) -> None:
+        self.embed = nn.Embed(5, 4, rngs=rngs)
+        self.head = nn.Linear(4, 5, param_dtype=param_dtype, rngs=rngs)
+        self.head.kernel = self.embed.embedding  # a Variable assigned: replaced, so shared
+
+
+# -- assertions -----------------------------------------------------------------------------
+
+
+def assert_trees_close(got: Any, want: Any, *, rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    """``got`` and ``want`` have the same tree structure, leaf shapes and close values.
+
+    Any pytrees: arrays, tuples, Modules, ``tl.State``. Values are compared in
+    float32 (so bfloat16 leaves compare too), the first differing leaf named.
+    """
+    got_leaves, got_tree = jax.tree.flatten(got)
+    want_leaves, want_tree = jax.tree.flatten(want)
+    assert got_tree == want_tree, f"tree structures differ:\n{got_tree}\n{want_tree}"
+    for i, (g, w) in enumerate(zip(got_leaves, want_leaves, strict=True)):
+        assert np.shape(g) == np.shape(w), f"leaf {i}: shape {np.shape(g)} != {np.shape(w)}"
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32),
+            np.asarray(w, np.float32),
+            rtol=rtol,
+            atol=atol,
+            err_msg=f"leaf {i}",
+        )
+
+
+# -- state checks ---------------------------------------------------------------------------
 
 
 def snapshot(obj: Any) -> list[tuple[Any, Any, Any]]:

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from conftest import assert_unchanged, run_in_threads, snapshot
+from conftest import Tied, assert_unchanged, run_in_threads, snapshot
 
 import toylib as tl
 from toylib import checkpoint, nn
@@ -32,15 +32,6 @@ class Net(tl.Module):
 
     def __call__(self, x):
         return self.l2(self.drop(jax.nn.relu(self.l1(x))))
-
-
-class Tied(tl.Module):
-    """An embedding whose table is also the output projection (one Variable, two places)."""
-
-    def __init__(self, *, rngs: tl.Rngs) -> None:
-        self.embed = nn.Embed(5, 4, rngs=rngs)
-        self.head = nn.Linear(4, 5, rngs=rngs)
-        self.head.kernel = self.embed.embedding  # a Variable assigned: replaced, so shared
 
 
 # One optax transformation for all optimizers: it is a static attribute of

@@ -8,19 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import assert_unchanged, snapshot
+from conftest import Tied, assert_unchanged, snapshot
 
 import toylib as tl
 from toylib import nn
 
 
-class Tied(tl.Module):
-    """An embedding whose table is also the output projection (one Variable, two places)."""
+class EveryLeaf(Tied):
+    """Tied weights (a bfloat16 bias), both key kinds, a host array, an int, an empty array."""
 
     def __init__(self, *, rngs: tl.Rngs) -> None:
-        self.embed = nn.Embed(5, 4, rngs=rngs)
-        self.head = nn.Linear(4, 5, param_dtype=jnp.bfloat16, rngs=rngs)
-        self.head.kernel = self.embed.embedding
+        super().__init__(rngs=rngs, param_dtype=jnp.bfloat16)
         self.rngs = tl.Rngs(jax.random.key(3, impl="rbg"), dropout=4)
         self.host = np.arange(3.0)
         self.count = tl.Variable(2)
@@ -48,7 +46,7 @@ def state_equal(a, b):
 
 
 def test_round_trip_keeps_sharing_dtypes_keys_and_kinds():
-    model = Tied(rngs=tl.Rngs(0))
+    model = EveryLeaf(rngs=tl.Rngs(0))
     model.rngs.dropout()  # counters move
     blob = tl.save_bytes(model)
     assert isinstance(blob, bytes) and blob[:8] == b"\x89TOYLIB\n"
@@ -56,7 +54,7 @@ def test_round_trip_keeps_sharing_dtypes_keys_and_kinds():
     assert "model.embed.embedding" in leaves and "model.head.kernel" not in leaves  # once
     assert leaves["model.rngs.default.key"]["key"] == "rbg"
 
-    loaded = tl.load_bytes(blob, Tied(rngs=tl.Rngs(1)))
+    loaded = tl.load_bytes(blob, EveryLeaf(rngs=tl.Rngs(1)))
     assert loaded.head.kernel is loaded.embed.embedding
     assert loaded.head.bias.value.dtype == jnp.bfloat16
     assert isinstance(loaded.host, np.ndarray) and type(loaded.count.value) is int

@@ -204,7 +204,8 @@ def test_html_unfolds_modules_as_deep_as_the_text_view(tmp_path):
     def block(rngs):
         return nn.Sequential(nn.LayerNorm(8, rngs=rngs), nn.MLP([8, 32, 8], rngs=rngs))
 
-    model = nn.Sequential(nn.Linear(4, 8, rngs=0), nn.Stack(block, 2, rngs=1))
+    # Built under tl.jit: one compile, not one per eager initialiser op.
+    model = tl.jit(lambda: nn.Sequential(nn.Linear(4, 8, rngs=0), nn.Stack(block, 2, rngs=1)))()
     names = ["Sequential", "Linear", "Stack", "Sequential", "LayerNorm", "MLP", "Linear", "Linear"]
     # treescope's own layout folds the nested block onto one line...
     default = treescope.render_to_html(model, compressed=False)

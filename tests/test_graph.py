@@ -5,20 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import Block
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import toylib as tl
 from toylib import nn
-
-
-class Block(tl.Module):
-    def __init__(self, linear: nn.Linear):
-        self.linear = linear  # may be shared between blocks
-        self.bn = nn.BatchNorm(linear.out_features)
-
-    def __call__(self, x):
-        return self.bn(self.linear(x))
 
 
 class Twin(tl.Module):

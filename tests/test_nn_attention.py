@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rand
 from flax import nnx
 
 import toylib as tl
@@ -22,10 +23,6 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 run = tl.jit(lambda m, *args, **kwargs: m(*args, **kwargs))
 run_nnx = nnx.jit(lambda m, *args, **kwargs: m(*args, **kwargs))
-
-
-def rand(seed, *shape):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 def numpy_init(seed=0):

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rand
 
 import toylib as tl
 from toylib import nn
@@ -14,10 +15,6 @@ BATCHES = [(), (5,), (2, 5)]
 D = (100, 200)  # Dropout inputs
 B = (8, 3)  # BatchNorm inputs: 3 features
 IMG = (2, 4, 5, 3)  # BatchNorm images
-
-
-def rand(seed, *shape):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 def np_relu(x):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import np_init, rand
 from flax import nnx
 
 import toylib as tl
@@ -16,19 +17,6 @@ CIN = 4  # input channels everywhere: divisible by the group counts used (2, 4)
 # A few fixed spatial shapes, shared by the tests: every new shape costs an XLA compile.
 SPATIAL = {1: (7,), 2: (5, 7), 3: (3, 4, 5)}
 BATCHES = [(), (3,), (2, 3)]
-
-
-def rand(seed, *shape):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-
-
-def np_init(seed):
-    """An initialiser from numpy: fixed values, and no XLA compile per new shape.
-
-    (``jax.random`` compiles a threefry kernel for every new shape, seconds each
-    on a busy 2-core machine, so only the default-initialiser test uses it.)
-    """
-    return lambda key, shape, dtype=jnp.float32: jnp.asarray(rand(seed, *shape), dtype)
 
 
 def make_conv(*args, **kwargs):

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rand
 from flax import nnx
 
 import toylib as tl
@@ -12,10 +13,6 @@ from toylib import nn
 V, F = 11, 5  # vocabulary and feature sizes (odd)
 IDS = [(), (4,), (2, 3)]  # id shapes: none, one, two batch axes
 BF16 = jnp.bfloat16
-
-
-def rand(seed, *shape):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 def ids_of(seed, shape):

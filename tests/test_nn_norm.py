@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rand
 from flax import nnx
 
 import toylib as tl
@@ -26,10 +27,6 @@ BF16 = jnp.bfloat16
 # eager mode's one compile per operation.
 run = tl.jit(lambda layer, x: layer(x))
 run_ref = nnx.jit(lambda layer, x: layer(x))
-
-
-def rand(seed, *shape):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 def close(got, want, tol=1e-5):

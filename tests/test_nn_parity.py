@@ -10,21 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import np_init, rand
 from flax import nnx
 from flax.nnx.nn import attention as nnx_attention
 
 from toylib import nn
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-
-
-def rand(seed, *shape):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-
-
-def np_init(seed):
-    """An initialiser from numpy: fixed values, no jax.random compile per shape."""
-    return lambda key, shape, dtype=jnp.float32: jnp.asarray(rand(seed, *shape), dtype)
 
 
 # nnx layers get numpy initialisers too: jax.random compiles a kernel for every

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rand
 from flax.linen import pooling as flax_pooling
 
 import toylib as tl
@@ -16,10 +17,6 @@ C = 3  # channels
 # A few fixed spatial shapes, shared by the tests: every new shape costs an XLA compile.
 SPATIAL = {1: (7,), 2: (5, 6), 3: (3, 4, 5)}
 BATCHES = [(), (2,), (2, 3)]
-
-
-def rand(seed, *shape):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 def np_pool(x, window, strides, padding, kind, count_include_pad=True):

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_trees_close, rand
 from flax import nnx
 
 import toylib as tl
@@ -23,10 +24,6 @@ step = tl.jit(lambda cell, carry, x: cell(carry, x))  # one cell step, jitted li
 flax_step = jax.jit(lambda cell, carry, x: cell(carry, x))  # nnx Modules are pytrees
 
 
-def rand(seed, *shape):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-
-
 def make_cell(kind, seed=0, **kwargs):
     """A cell with random (nonzero) biases, so that bias handling is exercised."""
     if kind == "lstm":
@@ -42,15 +39,6 @@ def random_carry(kind, seed, batch):
     if kind == "lstm":
         return (rand(seed, *batch, H), rand(seed + 1, *batch, H))
     return rand(seed, *batch, H)
-
-
-def assert_trees_close(got, want, **tol):
-    tol = tol or TOL
-    got_leaves, want_leaves = jax.tree.leaves(got), jax.tree.leaves(want)
-    assert len(got_leaves) == len(want_leaves)
-    for g, w in zip(got_leaves, want_leaves, strict=True):
-        assert g.shape == w.shape
-        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), **tol)
 
 
 # -- copies into flax.nnx ---------------------------------------------------------------------

@@ -5,19 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import np_init, rand
 
 import toylib as tl
 from toylib import nn
 
 BF16 = jnp.bfloat16
-
-
-def rand(seed, *shape):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-
-
-def np_init(seed):
-    return lambda key, shape, dtype=jnp.float32: jnp.asarray(rand(seed, *shape), dtype)
 
 
 # -- Einsum / LinearGeneral ----------------------------------------------------------------------

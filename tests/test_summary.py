@@ -5,6 +5,7 @@ import io
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import DropBlock, np_init
 from rich.console import Console
 
 import toylib as tl
@@ -55,11 +56,11 @@ def test_sequential_of_linears_functions_are_not_rows():
 
 def test_small_cnn():
     n, h, w, c, out = 2, 8, 8, 3, 4
-    model = nn.Sequential(
-        nn.Conv(c, out, (3, 3), padding="VALID", rngs=0),
+    model = nn.Sequential(  # numpy initialisers: no jax.random compile per kernel shape
+        nn.Conv(c, out, (3, 3), padding="VALID", kernel_init=np_init(0), rngs=0),
         nn.MaxPool((2, 2)),
         lambda x: x.reshape(x.shape[0], -1),
-        nn.Linear(3 * 3 * out, 10, rngs=1),
+        nn.Linear(3 * 3 * out, 10, kernel_init=np_init(1), rngs=1),
     )
     s = tl.summary(model, jax.ShapeDtypeStruct((n, h, w, c), jnp.float32), console=quiet())
     conv, pool, dense = s.rows[1:]
@@ -84,21 +85,11 @@ def test_small_cnn():
     assert s.total.flops == conv.flops + pool.flops + dense.flops
 
 
-class Block(tl.Module):
-    def __init__(self, rngs):
-        self.linear = nn.Linear(4, 4, rngs=rngs)
-        self.bn = nn.BatchNorm(4, rngs=rngs)
-        self.drop = nn.Dropout(0.5, rngs=rngs)
-
-    def __call__(self, x, *, scale=1.0):
-        return self.drop(self.bn(self.linear(x))) * scale
-
-
 def test_state_is_unchanged_and_columns_per_variable_type():
-    block = Block(tl.Rngs(0))
+    block = DropBlock(4, rngs=tl.Rngs(0))
     block.train()
     before = {p: (v, v.value) for p, v in tl.iter_variables(block)}
-    draws = int(block.drop.rngs.count.value)  # keys drawn so far (the init shares the stream)
+    draws = int(block.dropout.rngs.count.value)  # keys drawn so far (the init shares the stream)
     structure = tl.split(block)[0]
     out = io.StringIO()
     s = tl.summary(
@@ -112,9 +103,9 @@ def test_state_is_unchanged_and_columns_per_variable_type():
     after = {p: (v, v.value) for p, v in tl.iter_variables(block)}
     assert after.keys() == before.keys()
     assert all(after[p][0] is v and after[p][1] is value for p, (v, value) in before.items())
-    assert int(block.drop.rngs.count.value) == draws  # the Dropout drew no key
+    assert int(block.dropout.rngs.count.value) == draws  # the Dropout drew no key
     assert tl.split(block)[0] == structure
-    assert [r.path for r in s.rows] == ["model", "model.linear", "model.bn", "model.drop"]
+    assert [r.path for r in s.rows] == ["model", "model.linear", "model.bn", "model.dropout"]
     assert s.rows[0].inputs[1] == {"scale": 2.0}
     bn = s.rows[2]
     assert bn.sizes == {tl.BatchStat: (8, 8 * F32), tl.Param: (8, 8 * F32)}

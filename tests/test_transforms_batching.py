@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import Counter, DropBlock
 
 import toylib as tl
 from toylib import nn
@@ -26,17 +27,6 @@ def close(a, b, tol=1e-5):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
 
 
-class Counter(tl.Module):
-    """A Module whose Variable counts its calls; it doubles its input."""
-
-    def __init__(self, start=0):
-        self.count = tl.Variable(jnp.array(start))
-
-    def __call__(self, x):
-        self.count += 1
-        return x * 2.0
-
-
 class Scaled(tl.Module):
     """A Param ``w`` (stacked under vmap) and a shared ``scale`` plus a call counter."""
 
@@ -50,24 +40,12 @@ class Scaled(tl.Module):
         return (x @ self.w) * self.scale
 
 
-class Block(tl.Module):
-    """Linear + BatchNorm + Dropout: the tiny-NNX ScanMLP block."""
-
-    def __init__(self, dim, *, rngs):
-        self.linear = nn.Linear(dim, dim, rngs=rngs)
-        self.bn = nn.BatchNorm(dim)
-        self.dropout = nn.Dropout(0.5, rngs=rngs)
-
-    def __call__(self, x):
-        return jax.nn.gelu(self.dropout(self.bn(self.linear(x))))
-
-
 class ScanMLP(tl.Module):
-    """``n_layers`` Blocks built with tl.vmap and applied with tl.scan."""
+    """``n_layers`` DropBlocks built with tl.vmap and applied with tl.scan."""
 
     def __init__(self, dim, n_layers, *, rngs):
         self.n_layers = n_layers
-        self.blocks = tl.vmap(lambda r: Block(dim, rngs=r))(rngs.split(n_layers))
+        self.blocks = tl.vmap(lambda r: DropBlock(dim, rngs=r))(rngs.split(n_layers))
 
     def __call__(self, x):
         def body(x, block):
@@ -282,7 +260,7 @@ def test_vmapped_construction_is_deterministic_and_matches_per_key_build():
 
 def test_vmapped_construction_of_block():
     split = tl.Rngs(0).split(N)
-    blocks = tl.vmap(lambda r: Block(DIM, rngs=r))(split)
+    blocks = tl.vmap(lambda r: DropBlock(DIM, rngs=r))(split)
     assert blocks.linear.kernel.value.shape == (N, DIM, DIM)
     assert blocks.bn.mean.value.shape == (N, DIM)
     assert blocks.bn.var.value.shape == (N, DIM)
@@ -969,7 +947,7 @@ def test_eval_shape_builds_abstract_model():
 def test_eval_shape_dtypes_and_rng_state():
     abstract = tl.eval_shape(lambda: nn.Linear(3, 2, param_dtype=jnp.bfloat16, rngs=0))
     assert abstract.kernel.value.dtype == jnp.bfloat16
-    abstract = tl.eval_shape(lambda: Block(DIM, rngs=tl.Rngs(0)))
+    abstract = tl.eval_shape(lambda: DropBlock(DIM, rngs=tl.Rngs(0)))
     assert abstract.bn.mean.value.shape == (DIM,)
     assert isinstance(abstract.dropout.rngs.count.value, jax.ShapeDtypeStruct)
     assert abstract.dropout.rngs.count.value.dtype == jnp.uint32
@@ -1011,7 +989,7 @@ def test_state_axes_without_matching_filter_names_path():
     bn = nn.BatchNorm(DIM)
     with pytest.raises(ValueError, match=r"mean.*matches none of the filters"):
         tl.vmap(lambda m, x: m(x), in_axes=(tl.StateAxes({tl.Param: 0}), 0))(bn, jnp.ones((N, DIM)))
-    blocks = tl.vmap(lambda r: Block(DIM, rngs=r))(tl.Rngs(0).split(N))
+    blocks = tl.vmap(lambda r: DropBlock(DIM, rngs=r))(tl.Rngs(0).split(N))
     with pytest.raises(ValueError, match=r"bn\.mean"):
         tl.scan(lambda x, b: (b(x), None), in_axes=(tl.Carry, tl.StateAxes({tl.Param: 0})))(
             jnp.ones(DIM), blocks

@@ -61,7 +61,7 @@ from toylib.transforms import (
 )
 from toylib.tree import combine, filter, is_array, partition, tree_at, tree_equal
 
-__version__ = "0.1.0"
+__version__: str  # read on first use by __getattr__ (an annotation binds no name)
 
 # Public names whose modules import a heavy dependency (optax: 0.1 s, orbax:
 # more): `tl.Optimizer` imports toylib.optim the first time it is read.
@@ -80,11 +80,19 @@ def __getattr__(name: str) -> object:
         value = getattr(_importlib.import_module(_LAZY[name]), name)
         globals()[name] = value  # later reads are plain attribute reads
         return value
+    if name == "__version__":
+        # pyproject.toml is the one place the version is written; it is read
+        # from the installed metadata on first use (the lookup scans sys.path,
+        # ~10 ms), so `import toylib` does not pay for it.
+        from importlib.metadata import version
+
+        value = globals()[name] = version("toylib")
+        return value
     raise AttributeError(f"module 'toylib' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | {"__version__"})
 
 
 __all__ = [

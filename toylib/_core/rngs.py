@@ -53,7 +53,7 @@ def as_key(seed: Any, where: str = "tl.Rngs") -> jax.Array:
     if isinstance(seed, int | np.integer) and not isinstance(seed, bool):
         return jax.random.key(int(seed))
     if isinstance(seed, jax.Array | np.ndarray):
-        if jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
             return seed
         if seed.dtype == jnp.uint32 and seed.shape[-1:] == (2,):
             return jax.random.wrap_key_data(seed)

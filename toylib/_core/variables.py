@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.core  # named: jax imports it, but pyright sees only what is imported
 import jax.numpy as jnp
 import numpy as np
 
@@ -410,7 +411,7 @@ def describe_value(value: Any) -> str:
         dtype = getattr(value.dtype, "name", str(value.dtype))
         shape = ", ".join(map(str, value.shape))
         text = f"{dtype}[{shape}]"
-        if value.size == 1 and not jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        if value.size == 1 and not jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
             text += f" = {np.asarray(value).item()!r}"
         return text
     return repr(value)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.core  # named: jax imports it, but pyright sees only what is imported
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Shaped
 

@@ -454,7 +454,7 @@ class _Rebuilder(graph._Builder):
         if swap is not _MISSING and not isinstance(swap, _NewValue):
             return swap
         if kind is Ref and index not in self.nodes:
-            first_path, definition = self.defs[index]
+            first_path, definition = self.defs[node.index]
             return self.build(first_path, definition)
         out = super().build(path, node)
         if isinstance(swap, _NewValue) and kind is VariableDef:

@@ -581,6 +581,7 @@ def _references(root: Any, ids: set[int]) -> list[tuple[Path, Any, Any]]:
     sites: list[tuple[Path, Any, Any]] = []
     if not ids:
         return sites
+    todo: list[tuple[Any, Path]]  # Modules and the containers on their attributes
     todo = [(obj, path) for path, obj in iter_graph(root) if isinstance(obj, Module)]
     if isinstance(root, list | tuple | dict):
         todo.append((root, ()))

@@ -53,10 +53,10 @@ def as_key(seed: Any, where: str = "tl.Rngs") -> jax.Array:
     if isinstance(seed, int | np.integer) and not isinstance(seed, bool):
         return jax.random.key(int(seed))
     if isinstance(seed, jax.Array | np.ndarray):
-        if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
-            return seed
+        if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+            return seed  # (a numpy array cannot hold typed keys)
         if seed.dtype == jnp.uint32 and seed.shape[-1:] == (2,):
-            return jax.random.wrap_key_data(seed)
+            return jax.random.wrap_key_data(jnp.asarray(seed))
         if jnp.issubdtype(seed.dtype, jnp.integer) and seed.ndim == 0:
             return jax.random.key(seed)
     raise TypeError(BAD_SEED.format(where=where, got=repr(seed)[:80]))

@@ -228,7 +228,7 @@ class Variable:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "value":
-            Variable.value.fset(self, value)
+            Variable.value.__set__(self, value)
         elif name in Variable.__slots__:  # copy/pickle restore slots this way
             object.__setattr__(self, name, value)
         elif name in self._metadata:
@@ -346,7 +346,7 @@ def checked_value(old: Any, new: Any, path: str, caller: str) -> Any:
     """
     new = unwrap(new)
     if hasattr(old, "shape") and hasattr(old, "dtype"):
-        if isinstance(new, bool | int | float | complex) and old.shape == ():
+        if old.shape == () and isinstance(new, bool | int | float | complex):
             array = np if isinstance(old, np.ndarray) else jnp
             return array.asarray(new, dtype=old.dtype)
         if hasattr(new, "shape") and hasattr(new, "dtype"):

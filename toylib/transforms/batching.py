@@ -793,10 +793,10 @@ def _replace_carry(flat: Flat, tops: tuple, arg: int, new_carry: Any) -> tuple:
     new_tops = jax.tree.leaves(new_carry, is_leaf=is_graph_node)
     if len(new_tops) != len(positions):
         raise ValueError(SCAN_STRUCTURE)
-    tops = list(tops)
+    replaced = list(tops)
     for t, new in zip(positions, new_tops, strict=True):
-        tops[t] = new
-    return tuple(tops)
+        replaced[t] = new
+    return tuple(replaced)
 
 
 def _assemble_output(flat: Flat, args_tops: tuple, carry_arg: list, ys: Any, out_axes: Any) -> Any:

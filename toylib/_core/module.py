@@ -24,7 +24,7 @@ own functions (``tl.split``, ``tl.jit``...) see the *graph*, see ``graph.py``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import jax
 from jax.tree_util import GetAttrKey
@@ -98,7 +98,7 @@ class Module:
     __slots__ = ("__dict__", "__weakref__", LAYOUT, SLOT)
     _toylib_node = True  # a node of the graph view (skeleton.is_graph_node)
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:  # Self: `nn.Linear(...)` is a Linear
         return blank(cls)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

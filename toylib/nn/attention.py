@@ -527,7 +527,7 @@ class MultiHeadAttention(Module):
         if not 0.0 <= dropout_rate <= 1.0:
             raise ValueError(f"MultiHeadAttention(dropout_rate={dropout_rate}): must be in [0, 1].")
         head_dim = qkv_features // num_heads
-        common = dict(
+        common: dict[str, Any] = dict(
             use_bias=use_bias,
             dtype=dtype,
             param_dtype=param_dtype,

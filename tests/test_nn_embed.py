@@ -1,7 +1,10 @@
 """Tests for nn.Embed (lookup and the tied output projection ``attend``) and nn.Identity."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 from flax import nnx
@@ -24,6 +27,18 @@ def ids_of(seed, shape):
 
 def close(got, want, tol=1e-5):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
+
+
+@contextlib.contextmanager
+def unchecked():
+    """Without the tests' runtime annotation checks (the jaxtyping hook in addopts),
+    which stop a call breaking `ids: Int[ArrayLike]` before Embed's own message."""
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", before)
 
 
 # -- Embed: lookup ----------------------------------------------------------------------------
@@ -51,10 +66,15 @@ def test_embed_matches_nnx_lookup_and_attend():
     close(embed.attend(q), np.asarray(ref.attend(q), np.float64))
 
 
-def test_embed_ids_as_python_lists_and_other_int_dtypes():
+def test_embed_ids_of_other_int_dtypes_and_python_lists_refused():
     embed = nn.Embed(V, F, rngs=0)
     table = np.asarray(embed.embedding.value)
-    np.testing.assert_array_equal(np.asarray(embed([1, 2, 10])), table[[1, 2, 10]])
+    with (
+        unchecked(),
+        pytest.raises(TypeError, match=r"(?s)Python list.*embed\(jnp\.asarray\(ids\)\)"),
+    ):
+        embed([1, 2, 10])
+    np.testing.assert_array_equal(np.asarray(embed(jnp.asarray([1, 2, 10]))), table[[1, 2, 10]])
     np.testing.assert_array_equal(np.asarray(embed(np.uint8(7))), table[7])
     np.testing.assert_array_equal(np.asarray(embed(jnp.array([3], jnp.int16))), table[[3]])
 
@@ -73,13 +93,13 @@ def test_embed_out_of_range_ids_follow_jnp_take():
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bool_], ids=["float", "bool"])
 def test_embed_rejects_non_integer_ids(dtype):
     embed = nn.Embed(V, F, rngs=0)
-    with pytest.raises(TypeError) as info:
+    with unchecked(), pytest.raises(TypeError) as info:
         embed(jnp.zeros((2, 3), dtype))
     message = str(info.value)
     assert "integer ids" in message and "(2, 3)" in message
     assert jnp.dtype(dtype).name in message and "astype(jnp.int32)" in message
     assert "Embed" in message
-    with pytest.raises(TypeError, match="integer ids"):
+    with unchecked(), pytest.raises(TypeError, match="integer ids"):
         embed(1.0)
 
 
@@ -191,7 +211,7 @@ def test_tied_embedding_jit_and_grad_match_raw_jax():
 
 def test_embed_path_in_error():
     model = TiedLM(tl.Rngs(0))
-    with pytest.raises(TypeError, match=r"model\.embed \(Embed\)"):
+    with unchecked(), pytest.raises(TypeError, match=r"model\.embed \(Embed\)"):
         model(jnp.zeros(3))
 
 

@@ -169,7 +169,9 @@ def make_attention_mask(
     return jnp.asarray(pairs).astype(jnp.bool_)[..., None, :, :]
 
 
-def make_causal_mask(tokens: Shaped[ArrayLike, "*batch length"]) -> Bool[Array, "*batch 1 L L"]:
+def make_causal_mask(
+    tokens: Shaped[ArrayLike, "*batch length"],
+) -> Bool[Array, "*batch 1 length length"]:
     """A causal mask: position ``i`` attends to positions ``j <= i`` only.
 
     Arguments:

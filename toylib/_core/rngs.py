@@ -123,7 +123,7 @@ class Rngs(Module):
     """Named random-number streams: ``Rngs(0)``, ``Rngs(params=0, dropout=1)``.
 
     Arguments:
-        default: seed of the ``default`` stream (int, key, or RngStream).
+        default_seed: seed of the ``default`` stream (int, key, or RngStream).
         **streams: seeds of named streams.
 
     Returns:
@@ -139,9 +139,11 @@ class Rngs(Module):
         4
     """
 
-    def __init__(self, default: Any = None, /, **streams: Any) -> None:
-        if default is not None:
-            streams = {"default": default, **streams}
+    # Not `default, /`: inspect.Signature.bind (Python 3.11; the tests' runtime type
+    # checks bind every call) refuses a keyword named like a positional-only parameter.
+    def __init__(self, default_seed: Any = None, /, **streams: Any) -> None:
+        if default_seed is not None:
+            streams = {"default": default_seed, **streams}
         for name, seed in streams.items():
             if hasattr(Rngs, name):
                 raise ValueError(f"tl.Rngs: {name!r} cannot name a stream (it is a method).")

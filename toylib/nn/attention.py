@@ -210,7 +210,7 @@ def _and_mask(mask: Any, extra: Array) -> Array:
 
 def dot_product_attention_weights(
     query: Float[ArrayLike, "*batch q heads d"],
-    key: Float[ArrayLike, "*batch kv heads d"],
+    key: Float[ArrayLike, "*batch kv kv_heads d"],
     mask: Shaped[ArrayLike, "*mask"] | None = None,
     *,
     bias: Float[ArrayLike, "*bias"] | None = None,
@@ -266,8 +266,8 @@ def dot_product_attention_weights(
 
 def dot_product_attention(
     query: Float[ArrayLike, "*batch q heads d"],
-    key: Float[ArrayLike, "*batch kv heads d"],
-    value: Float[ArrayLike, "*batch kv heads dv"],
+    key: Float[ArrayLike, "*batch kv kv_heads d"],
+    value: Float[ArrayLike, "*batch kv kv_heads dv"],
     mask: Shaped[ArrayLike, "*mask"] | None = None,
     *,
     bias: Float[ArrayLike, "*bias"] | None = None,

@@ -1,7 +1,5 @@
 """Tests for nn.Embed (lookup and the tied output projection ``attend``) and nn.Identity."""
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 import jaxtyping
@@ -29,18 +27,6 @@ def close(got, want, tol=1e-5):
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=tol, atol=tol)
 
 
-@contextlib.contextmanager
-def unchecked():
-    """Without the tests' runtime annotation checks (the jaxtyping hook in addopts),
-    which stop a call breaking `ids: Int[ArrayLike]` before Embed's own message."""
-    before = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    try:
-        yield
-    finally:
-        jaxtyping.config.update("jaxtyping_disable", before)
-
-
 # -- Embed: lookup ----------------------------------------------------------------------------
 
 
@@ -66,13 +52,12 @@ def test_embed_matches_nnx_lookup_and_attend():
     close(embed.attend(q), np.asarray(ref.attend(q), np.float64))
 
 
-def test_embed_ids_of_other_int_dtypes_and_python_lists_refused():
+def test_embed_ids_of_other_int_dtypes_and_python_lists_refused(monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     embed = nn.Embed(V, F, rngs=0)
     table = np.asarray(embed.embedding.value)
-    with (
-        unchecked(),
-        pytest.raises(TypeError, match=r"(?s)Python list.*embed\(jnp\.asarray\(ids\)\)"),
-    ):
+    with pytest.raises(TypeError, match=r"(?s)Python list.*embed\(jnp\.asarray\(ids\)\)"):
         embed([1, 2, 10])
     np.testing.assert_array_equal(np.asarray(embed(jnp.asarray([1, 2, 10]))), table[[1, 2, 10]])
     np.testing.assert_array_equal(np.asarray(embed(np.uint8(7))), table[7])
@@ -91,15 +76,17 @@ def test_embed_out_of_range_ids_follow_jnp_take():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bool_], ids=["float", "bool"])
-def test_embed_rejects_non_integer_ids(dtype):
+def test_embed_rejects_non_integer_ids(dtype, monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     embed = nn.Embed(V, F, rngs=0)
-    with unchecked(), pytest.raises(TypeError) as info:
+    with pytest.raises(TypeError) as info:
         embed(jnp.zeros((2, 3), dtype))
     message = str(info.value)
     assert "integer ids" in message and "(2, 3)" in message
     assert jnp.dtype(dtype).name in message and "astype(jnp.int32)" in message
     assert "Embed" in message
-    with unchecked(), pytest.raises(TypeError, match="integer ids"):
+    with pytest.raises(TypeError, match="integer ids"):
         embed(1.0)
 
 
@@ -209,9 +196,11 @@ def test_tied_embedding_jit_and_grad_match_raw_jax():
     close(plain.embed.embedding.value, np.asarray(want[0]), tol=1e-4)
 
 
-def test_embed_path_in_error():
+def test_embed_path_in_error(monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     model = TiedLM(tl.Rngs(0))
-    with unchecked(), pytest.raises(TypeError, match=r"model\.embed \(Embed\)"):
+    with pytest.raises(TypeError, match=r"model\.embed \(Embed\)"):
         model(jnp.zeros(3))
 
 

@@ -68,6 +68,7 @@ def _initial(init_fn: Callable[[], Any] | None) -> Any:
 # (a TypeVar, not typing.Self: beartype rejects Self on a method checked alone)
 _M = TypeVar("_M", bound="Module")
 
+
 class Module:
     """Base class of models: assign attributes in ``__init__``, define ``__call__``.
 

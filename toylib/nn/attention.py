@@ -138,10 +138,10 @@ got {shape}.
 
 
 def make_attention_mask(
-    query_input: Shaped[ArrayLike, "*batch q"],
-    key_input: Shaped[ArrayLike, "*batch kv"],
+    query_input: Shaped[ArrayLike, "*#batch q"],
+    key_input: Shaped[ArrayLike, "*#batch kv"],
     pairwise_fn: Callable[[Array, Array], Array] = jnp.multiply,
-) -> Bool[Array, "*batch 1 q kv"]:
+) -> Bool[Array, "*#batch 1 q kv"]:
     """A boolean mask from a pairwise function of query and key positions.
 
     The usual use is padding: ``make_attention_mask(tokens > 0, tokens > 0)``

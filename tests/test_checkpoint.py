@@ -9,6 +9,7 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -241,7 +242,9 @@ def test_dtype_mismatch_names_the_path_and_is_not_cast(tmp_path):
     assert like.kernel.value.dtype == jnp.bfloat16  # the failed load changed nothing
 
 
-def test_a_path_without_a_checkpoint_says_why(tmp_path):
+def test_a_path_without_a_checkpoint_says_why(tmp_path, monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     like = nn.Linear(2, 3, rngs=0)
     with pytest.raises(
         FileNotFoundError, match=r"no checkpoint at .*missing: the path does not exist"

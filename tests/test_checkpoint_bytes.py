@@ -5,6 +5,7 @@ import struct
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import optax
 import pytest
@@ -94,7 +95,9 @@ def test_a_committed_like_gets_committed_arrays():
     assert loaded.kernel.value.committed and not loaded.bias.value.committed
 
 
-def test_damage_is_detected_and_names_the_array():
+def test_damage_is_detected_and_names_the_array(monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     model, like = nn.Linear(3, 4, rngs=0), nn.Linear(3, 4, rngs=1)
     blob = tl.save_bytes(model)
     data = header(blob)["leaves"]["model.kernel"]["data"]

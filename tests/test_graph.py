@@ -2,6 +2,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import optax
 import pytest
@@ -147,7 +148,9 @@ def test_first_matching_filter_wins():
     assert len(first.flat()) == 4 and len(second.flat()) == 0
 
 
-def test_merge_with_a_state_that_does_not_fit_is_an_error():
+def test_merge_with_a_state_that_does_not_fit_is_an_error(monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     model = Twin()
     graphdef, params, rest = tl.split(model, tl.Param, ...)
     with pytest.raises(ValueError) as info:

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 
@@ -281,7 +282,9 @@ def test_multimetric_names_missing_argument():
         metrics.update(values=1.0)
 
 
-def test_multimetric_construction_errors():
+def test_multimetric_construction_errors(monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     with pytest.raises(TypeError, match=r"MultiMetric\(loss=\.\.\.\): expected a tl\.metrics"):
         MultiMetric(loss=lambda x: x)
     for name in ("update", "names", "train"):
@@ -331,7 +334,9 @@ def test_errors_are_raised_while_tracing_too():
     assert int(acc.count.value) == 0
 
 
-def test_bad_mask_and_threshold():
+def test_bad_mask_and_threshold(monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     wrong_shape = r"(?s)mask \(shape \(3,\), float32\).*values \(shape \(2,\)"
     with pytest.raises(ValueError, match=wrong_shape):
         Average().update(values=jnp.ones(2), mask=jnp.ones(3))

@@ -4,6 +4,7 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 from conftest import rand
@@ -101,7 +102,9 @@ def close(a, b, **tol):
 # -- masks ------------------------------------------------------------------------------------
 
 
-def test_make_causal_mask_shape_dtype_and_values():
+def test_make_causal_mask_shape_dtype_and_values(monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     mask = nn.make_causal_mask(jnp.zeros((2, 3, 4), jnp.int32))
     assert mask.shape == (2, 3, 1, 4, 4)
     assert mask.dtype == jnp.bool_
@@ -382,7 +385,9 @@ class Block(tl.Module):
         return self.attn(x, memory)
 
 
-def test_wrong_in_features_names_path_and_shapes():
+def test_wrong_in_features_names_path_and_shapes(monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     block = Block()
     with pytest.raises(ValueError) as info:
         block(jnp.ones((2, L, F + 1)))
@@ -400,7 +405,9 @@ def test_wrong_in_features_names_path_and_shapes():
         block(jnp.ones(F))
 
 
-def test_constructor_and_call_errors():
+def test_constructor_and_call_errors(monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     with pytest.raises(ValueError) as info:
         nn.MultiHeadAttention(4, F, rngs=0)
     assert "divisible" in str(info.value) and "qkv_features=" in str(info.value)

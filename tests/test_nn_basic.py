@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 from conftest import rand
@@ -85,7 +86,9 @@ def test_linear_default_dtype_promotes():
     assert layer(jnp.ones(X, jnp.bfloat16)).dtype == jnp.float32
 
 
-def test_linear_wrong_feature_size_is_a_clear_error():
+def test_linear_wrong_feature_size_is_a_clear_error(monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     layer = nn.Linear(3, 4, rngs=0)
     with pytest.raises(ValueError) as info:
         layer(jnp.ones((2, 5)))

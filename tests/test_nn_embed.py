@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 from conftest import rand
@@ -48,10 +49,14 @@ def test_embed_matches_nnx_lookup_and_attend():
     close(embed.attend(q), np.asarray(ref.attend(q), np.float64))
 
 
-def test_embed_ids_as_python_lists_and_other_int_dtypes():
+def test_embed_ids_of_other_int_dtypes_and_python_lists_refused(monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     embed = nn.Embed(V, F, rngs=0)
     table = np.asarray(embed.embedding.value)
-    np.testing.assert_array_equal(np.asarray(embed([1, 2, 10])), table[[1, 2, 10]])
+    with pytest.raises(TypeError, match=r"(?s)Python list.*embed\(jnp\.asarray\(ids\)\)"):
+        embed([1, 2, 10])
+    np.testing.assert_array_equal(np.asarray(embed(jnp.asarray([1, 2, 10]))), table[[1, 2, 10]])
     np.testing.assert_array_equal(np.asarray(embed(np.uint8(7))), table[7])
     np.testing.assert_array_equal(np.asarray(embed(jnp.array([3], jnp.int16))), table[[3]])
 
@@ -68,7 +73,9 @@ def test_embed_out_of_range_ids_follow_jnp_take():
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bool_], ids=["float", "bool"])
-def test_embed_rejects_non_integer_ids(dtype):
+def test_embed_rejects_non_integer_ids(dtype, monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     embed = nn.Embed(V, F, rngs=0)
     with pytest.raises(TypeError) as info:
         embed(jnp.zeros((2, 3), dtype))
@@ -186,7 +193,9 @@ def test_tied_embedding_jit_and_grad_match_raw_jax():
     close(plain.embed.embedding.value, np.asarray(want[0]), tol=1e-4)
 
 
-def test_embed_path_in_error():
+def test_embed_path_in_error(monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     model = TiedLM(tl.Rngs(0))
     with pytest.raises(TypeError, match=r"model\.embed \(Embed\)"):
         model(jnp.zeros(3))

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 from conftest import assert_trees_close, rand
@@ -439,7 +440,9 @@ def test_wrong_in_features_names_path_and_shapes():
         nn.LSTMCell(F, H, rngs=0)((jnp.zeros((2, H)),) * 2, jnp.ones((2, 7)))
 
 
-def test_missing_time_axis_and_bad_seq_lengths():
+def test_missing_time_axis_and_bad_seq_lengths(monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     rnn = nn.RNN(nn.GRUCell(F, H, rngs=0))
     with pytest.raises(ValueError, match=r"\(\*batch, time, 3\), got \(3,\): no time axis"):
         rnn(jnp.ones(F))
@@ -447,7 +450,9 @@ def test_missing_time_axis_and_bad_seq_lengths():
         rnn(jnp.ones((2, T, F)), seq_lengths=jnp.array([1, 2, 3]))
 
 
-def test_bad_carry_is_a_clear_error():
+def test_bad_carry_is_a_clear_error(monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     lstm, gru = nn.LSTMCell(F, H, rngs=0), nn.GRUCell(F, H, rngs=0)
     x = jnp.ones((2, F))
     with pytest.raises(TypeError, match=r"pair \(c, h\).*got a .*Array.* of shape \(2, 5\)"):

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import optax
 import pytest
@@ -127,7 +128,9 @@ def test_lora_param_trains_only_the_adapters():
     }
 
 
-def test_lora_errors():
+def test_lora_errors(monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     with pytest.raises(ValueError, match="lora_rank=0"):
         nn.LoRA(3, 0, 4, rngs=0)
     with pytest.raises(ValueError, match=r"model \(LoRA\): expected input of shape \(\.\.\., 3\)"):
@@ -148,7 +151,9 @@ def test_prelu_learns_its_slope():
     assert act.eval()(x).tolist() == [-1.0, -0.5, 3.0]
 
 
-def test_simple_cell_equation_carry_dtype_and_errors():
+def test_simple_cell_equation_carry_dtype_and_errors(monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     cell = nn.SimpleCell(3, 2, residual=True, bias_init=np_init(2), rngs=0)
     h, x = rand(0, 4, 2), rand(1, 4, 3)
     k, u, b = (np.asarray(v.value) for v in (cell.kernel, cell.recurrent_kernel, cell.bias))

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 
@@ -227,7 +228,9 @@ def test_bad_seed_is_a_type_error_naming_the_fix(seed):
         tl.Rngs(params=seed)
 
 
-def test_bad_seed_in_layer_constructor_names_the_layer():
+def test_bad_seed_in_layer_constructor_names_the_layer(monkeypatch):
+    # Bad input on purpose: toylib's own message, not the runtime type checker's.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
     with pytest.raises(TypeError) as info:
         nn.Linear(2, 3, rngs="zero")
     message = str(info.value)

@@ -11,6 +11,7 @@ imports none of the four (benchmarks/import_time.py times it).
 """
 
 import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from toylib import errors, metrics, nn
 from toylib._core import filters
@@ -73,6 +74,10 @@ _LAZY = {
     "save": "toylib.checkpoint",
     "save_bytes": "toylib.checkpoint",
 }
+
+if _TYPE_CHECKING:  # what the lazy names are, for type checkers and editors
+    from toylib.checkpoint import load, load_bytes, save, save_bytes
+    from toylib.optim import Optimizer, OptState
 
 
 def __getattr__(name: str) -> object:

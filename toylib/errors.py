@@ -269,7 +269,7 @@ def _checked(x: Any, flag: Any, pred: Any, index: Any, report: _Reporter) -> Any
     leaves, treedef = jax.tree.flatten(x)
     tied = [i for i, leaf in enumerate(leaves) if _tieable(leaf)]
     if not tied:
-        jax.lax.cond(flag, lambda: jax.debug.callback(report, pred, index), lambda: None)
+        jax.lax.cond(flag, lambda: jax.debug.callback(report.effect, pred, index), lambda: None)
         return x
     token = jax.ShapeDtypeStruct((), jnp.float32)
 
@@ -335,6 +335,10 @@ class _Reporter:
 
     def __init__(self, msgs: tuple[str, ...], where: str, ndim: int) -> None:
         self.msgs, self.where, self.ndim = msgs, where, ndim
+
+    def effect(self, pred: Any, index: Any) -> None:
+        """The check as an effect (``jax.debug.callback``): the zeros are dropped."""
+        self(pred, index)
 
     def __call__(self, pred: Any, index: Any) -> np.ndarray:
         pred, index = np.asarray(pred), np.asarray(index)

@@ -9,7 +9,7 @@ arrays), and the gradients in exactly that structure. Its state is stored in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -314,7 +314,8 @@ class Optimizer(Module):
         opt_state = jax.tree.unflatten(layout.opt_state, leaves)
 
         updates, new_state = self.tx.update(new_grads, opt_state, params_state, **extra)
-        new_params = optax.apply_updates(params_state, updates).flat()
+        # (optax types the result as any ArrayTree: it is a State, like params_state)
+        new_params = cast(State, optax.apply_updates(params_state, updates)).flat()
         new_leaves, new_treedef = jax.tree.flatten(new_state)
         if new_treedef != layout.opt_state:
             raise ValueError(
@@ -460,7 +461,7 @@ def _check_grad(param: Any, grad: Any, path: Path) -> tuple[Any, tuple[str, str]
     if not (hasattr(old, "shape") and hasattr(old, "dtype")):
         # A Variable holding a pytree: the same structure, leaf by leaf.
         return checked_value(old, new, format_path(path), "Optimizer.update"), None
-    if isinstance(new, bool | int | float) and old.shape == ():
+    if old.shape == () and isinstance(new, bool | int | float):
         return jnp.asarray(new, dtype=old.dtype), None
     dtype = _dtype(old).name
     if hasattr(new, "shape") and hasattr(new, "dtype"):

@@ -336,7 +336,8 @@ def _table(title: str, rows: list[Row], total: Row, with_flops: bool, notes: set
         return line
 
     for row in rows:
-        table.add_row(row.path, row.type.__name__, _shapes(row.outputs), *cells(row))
+        name = "" if row.type is None else row.type.__name__  # (None: the total row only)
+        table.add_row(row.path, name, _shapes(row.outputs), *cells(row))
     table.add_section()
     table.add_row(total.path, "", "", *cells(total), style="bold")
     return table

@@ -29,11 +29,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.core  # named: jax imports it, but pyright sees only what is imported
 import jax.numpy as jnp
 import numpy as np
 
 from toylib._core import graph
-from toylib._core.filters import Filter, to_predicate
+from toylib._core.filters import BaseFilter, to_predicate
 from toylib._core.graph import ModuleDef, Ref, VariableDef
 from toylib._core.paths import Path, format_path
 from toylib._core.skeleton import Map, Seq, is_array, is_graph_node, rebuild
@@ -87,10 +88,10 @@ _MISSING = object()
 
 
 def _is_graph_filter(spec: Any) -> bool:
-    """A toylib filter (a Variable type, a Filter, ``...``): selects by Variable and path."""
+    """A toylib filter (a Variable type, a BaseFilter, ``...``): selects by Variable and path."""
     return (
         spec is Ellipsis
-        or isinstance(spec, Filter)
+        or isinstance(spec, BaseFilter)
         or (isinstance(spec, type) and issubclass(spec, Variable))
     )
 
@@ -266,7 +267,7 @@ def _leaf_equal(a: Any, b: Any, rtol: float, atol: float) -> bool | jax.Array:
             if (rtol or atol) and jnp.issubdtype(a.dtype, jnp.inexact):
                 return jnp.allclose(a, b, rtol=rtol, atol=atol)
             return jnp.all(a == b)
-        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
             a, b = jax.random.key_data(a), jax.random.key_data(b)
         a, b = np.asarray(a), np.asarray(b)
         if (rtol or atol) and np.issubdtype(a.dtype, np.inexact):
@@ -453,7 +454,7 @@ class _Rebuilder(graph._Builder):
         if swap is not _MISSING and not isinstance(swap, _NewValue):
             return swap
         if kind is Ref and index not in self.nodes:
-            first_path, definition = self.defs[index]
+            first_path, definition = self.defs[node.index]
             return self.build(first_path, definition)
         out = super().build(path, node)
         if isinstance(swap, _NewValue) and kind is VariableDef:

@@ -146,8 +146,8 @@ def tracked(value: list | dict, where: str, name: str) -> Any:
     if new is None:
         base = "list" if isinstance(value, list) else "dict"
         raise TypeError(UNTRACKABLE.format(where=where, kind=kind.__name__, base=base, name=name))
-    if new is TrackedDefaultDict:
-        return new(value.default_factory, value)
+    if isinstance(value, collections.defaultdict):  # (new is TrackedDefaultDict)
+        return TrackedDefaultDict(value.default_factory, value)
     return new(value)
 
 

@@ -27,12 +27,16 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from types import EllipsisType
 from typing import Any as _Any
+from typing import TypeAlias, cast
 
 __all__ = [
     "All",
     "Any",
+    "BaseFilter",
     "Everything",
+    "Filter",
     "Not",
     "Nothing",
     "OfType",
@@ -55,7 +59,7 @@ filters. For example:
 """
 
 
-class Filter:
+class BaseFilter:
     """A predicate ``(path, value) -> bool`` that compares and hashes by its arguments."""
 
     __slots__ = ("args",)
@@ -76,7 +80,15 @@ class Filter:
         return f"tl.filters.{type(self).__name__}({', '.join(map(filter_repr, self.args))})"
 
 
-class OfType(Filter):
+# What a filter argument may be (see the module docstring), for signatures and
+# editors. Nested tuples/lists stay `tuple`/`list`: a recursive alias is more
+# than beartype (the runtime checks in the tests) resolves.
+Filter: TypeAlias = (
+    type | EllipsisType | bool | BaseFilter | Predicate | tuple[_Any, ...] | list[_Any] | None
+)
+
+
+class OfType(BaseFilter):
     """Matches instances of a type: what the filter ``tl.Param`` means.
 
     Example:
@@ -95,7 +107,7 @@ class OfType(Filter):
         return filter_repr(self.args[0])
 
 
-class Everything(Filter):
+class Everything(BaseFilter):
     """Matches everything: what ``...`` and ``True`` mean.
 
     Example:
@@ -114,7 +126,7 @@ class Everything(Filter):
         return "..."
 
 
-class Nothing(Filter):
+class Nothing(BaseFilter):
     """Matches nothing: what ``None`` and ``False`` mean.
 
     Example:
@@ -134,7 +146,7 @@ class Nothing(Filter):
 
 
 def to_predicate(filter: _Any) -> Predicate:
-    """Turn a filter into a predicate ``(path, value) -> bool`` (a hashable ``Filter``).
+    """Turn a filter into a predicate ``(path, value) -> bool`` (a hashable ``BaseFilter``).
 
     Example:
         >>> import toylib as tl
@@ -144,7 +156,7 @@ def to_predicate(filter: _Any) -> Predicate:
         >>> in_attn == tl.filters.to_predicate(tl.PathContains("attn"))  # keys caches alike
         True
     """
-    if isinstance(filter, Filter):
+    if isinstance(filter, BaseFilter):
         return filter
     if isinstance(filter, type):
         return OfType(filter)
@@ -155,7 +167,7 @@ def to_predicate(filter: _Any) -> Predicate:
     if isinstance(filter, tuple | list):
         return Any(*filter)
     if callable(filter):
-        return filter
+        return cast(Predicate, filter)  # what it returns is the user's to get right
     raise TypeError(BAD_FILTER.format(filter=filter))
 
 
@@ -223,7 +235,7 @@ def filter_repr(filter: _Any) -> str:
     return repr(filter)
 
 
-class _Combinator(Filter):
+class _Combinator(BaseFilter):
     """Filters built from filters: their predicates are made once."""
 
     __slots__ = ("_predicates",)
@@ -291,7 +303,7 @@ class Not(_Combinator):
         return not self._predicates[0](path, value)
 
 
-class PathContains(Filter):
+class PathContains(BaseFilter):
     """Matches values whose path has ``key`` as one of its elements.
 
     Example:

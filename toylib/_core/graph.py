@@ -23,13 +23,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 import jax
 import numpy as np
 
 from toylib._core.containers import LAYOUT, is_tracked
-from toylib._core.filters import to_predicate
+from toylib._core.filters import Filter, to_predicate
 from toylib._core.module import Module, blank
 from toylib._core.paths import Path, format_path, list_paths
 from toylib._core.skeleton import (
@@ -127,8 +127,12 @@ class Ref:
 
 _ARRAY = ArrayDef()
 
+# The type of the model a GraphDef rebuilds: `tl.merge(tl.split(model)[0], ...)`
+# has the type of `model` for a type checker (at run time a GraphDef is untyped).
+M = TypeVar("M")
 
-class GraphDef:
+
+class GraphDef(Generic[M]):
     """The static structure of a graph of Modules: hashable, immutable.
 
     ``graphdef.apply(*states)(x)`` calls the merged model and returns
@@ -365,7 +369,19 @@ def _snapshot(leaf: Any) -> Any:
 # -- the functional API ---------------------------------------------------------------
 
 
-def split(node: Any, *filters: Any) -> tuple[Any, ...]:
+@overload
+def split(node: M, /) -> tuple[GraphDef[M], State]: ...
+@overload
+def split(node: M, filter: Filter, /) -> tuple[GraphDef[M], State]: ...
+@overload
+def split(node: M, filter: Filter, filter2: Filter, /) -> tuple[GraphDef[M], State, State]: ...
+@overload
+def split(
+    node: M, filter: Filter, filter2: Filter, filter3: Filter, /
+) -> tuple[GraphDef[M], State, State, State]: ...
+@overload
+def split(node: M, /, *filters: Filter) -> tuple[GraphDef[M], *tuple[State, ...]]: ...
+def split(node: Any, *filters: Filter) -> tuple[Any, ...]:
     """Split a model into its GraphDef and State(s).
 
     Arguments:
@@ -394,7 +410,7 @@ def split(node: Any, *filters: Any) -> tuple[Any, ...]:
     return (graphdef, *(State.from_flat(part) for part in parts))
 
 
-def state(node: Any, *filters: Any) -> State | tuple[State, ...]:
+def state(node: Any, *filters: Filter) -> State | tuple[State, ...]:
     """A snapshot State of the Variables matching the filter(s) (all if none).
 
     Unlike ``split``, Variables matching no filter are simply left out. With
@@ -412,7 +428,7 @@ def state(node: Any, *filters: Any) -> State | tuple[State, ...]:
     return snapshot.filter(*filters) if filters else snapshot
 
 
-def merge(graphdef: GraphDef, *states: State) -> Any:
+def merge(graphdef: GraphDef[M], *states: State) -> M:
     """Rebuild a model from its GraphDef and States, shared references restored.
 
     The result is a new object graph with new Variables: it shares nothing
@@ -545,7 +561,7 @@ def _update_error(path: Path, new: Any, found: str) -> None:
     raise ValueError(UPDATE_MISMATCH.format(what=what, path=format_path(path), found=found))
 
 
-def pop(node: Any, *filters: Any) -> State | tuple[State, ...]:
+def pop(node: Any, *filters: Filter) -> State | tuple[State, ...]:
     """Remove the Variables matching the filter(s) from ``node`` and return them.
 
     Typical use: collect ``Intermediate`` values sown during a forward pass.
@@ -593,6 +609,7 @@ def _references(root: Any, ids: set[int]) -> list[tuple[Path, Any, Any]]:
     sites: list[tuple[Path, Any, Any]] = []
     if not ids:
         return sites
+    todo: list[tuple[Any, Path]]  # Modules and the containers on their attributes
     todo = [(obj, path) for path, obj in iter_graph(root) if isinstance(obj, Module)]
     if isinstance(root, list | tuple | dict):
         todo.append((root, ()))
@@ -675,7 +692,7 @@ def iter_modules(node: Any) -> Iterator[tuple[Path, Module]]:
     return ((p, m) for p, m in iter_graph(node) if isinstance(m, Module))
 
 
-def iter_variables(node: Any, filter: Any = ...) -> Iterator[tuple[Path, Variable]]:
+def iter_variables(node: Any, filter: Filter = ...) -> Iterator[tuple[Path, Variable]]:
     """``(path, variable)`` for every Variable matching ``filter`` (the live objects).
 
     Example:

@@ -24,7 +24,7 @@ own functions (``tl.split``, ``tl.jit``...) see the *graph*, see ``graph.py``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 from jax.tree_util import GetAttrKey
@@ -65,6 +65,10 @@ def _initial(init_fn: Callable[[], Any] | None) -> Any:
     return init_fn()
 
 
+# (a TypeVar, not typing.Self: beartype rejects Self on a method checked alone)
+_M = TypeVar("_M", bound="Module")
+
+
 class Module:
     """Base class of models: assign attributes in ``__init__``, define ``__call__``.
 
@@ -98,7 +102,7 @@ class Module:
     __slots__ = ("__dict__", "__weakref__", LAYOUT, SLOT)
     _toylib_node = True  # a node of the graph view (skeleton.is_graph_node)
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+    def __new__(cls: type[_M], *args: Any, **kwargs: Any) -> _M:  # `nn.Linear(...)` is a Linear
         return blank(cls)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

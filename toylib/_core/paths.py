@@ -9,7 +9,7 @@ helpers every part uses with paths: rendering them, ordering keys, nesting a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 __all__ = [
@@ -65,7 +65,9 @@ def sorted_keys(keys: Iterable[Any]) -> list[Any]:
         return sorted(keys, key=_order)
 
 
-def nest(pairs: Iterable[tuple[Path, Any]], new: Callable[[], Any] = dict) -> Any:
+def nest(
+    pairs: Iterable[tuple[Path, Any]] | Mapping[Path, Any], new: Callable[[], Any] = dict
+) -> Any:
     """``[(path, value)]`` (or a ``{path: value}`` dict) as nested mappings made by ``new``.
 
     Example:
@@ -73,7 +75,7 @@ def nest(pairs: Iterable[tuple[Path, Any]], new: Callable[[], Any] = dict) -> An
         {'a': {'b': 1, 'c': 2}, 'd': 3}
     """
     root = new()
-    for path, value in pairs.items() if hasattr(pairs, "items") else pairs:
+    for path, value in pairs.items() if isinstance(pairs, Mapping) else pairs:
         node = root
         for key in path[:-1]:
             child = node.get(key)

@@ -53,10 +53,10 @@ def as_key(seed: Any, where: str = "tl.Rngs") -> jax.Array:
     if isinstance(seed, int | np.integer) and not isinstance(seed, bool):
         return jax.random.key(int(seed))
     if isinstance(seed, jax.Array | np.ndarray):
-        if jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
-            return seed
+        if isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+            return seed  # (a numpy array cannot hold typed keys)
         if seed.dtype == jnp.uint32 and seed.shape[-1:] == (2,):
-            return jax.random.wrap_key_data(seed)
+            return jax.random.wrap_key_data(jnp.asarray(seed))
         if jnp.issubdtype(seed.dtype, jnp.integer) and seed.ndim == 0:
             return jax.random.key(seed)
     raise TypeError(BAD_SEED.format(where=where, got=repr(seed)[:80]))
@@ -123,7 +123,7 @@ class Rngs(Module):
     """Named random-number streams: ``Rngs(0)``, ``Rngs(params=0, dropout=1)``.
 
     Arguments:
-        default: seed of the ``default`` stream (int, key, or RngStream).
+        default_seed: seed of the ``default`` stream (int, key, or RngStream).
         **streams: seeds of named streams.
 
     Returns:
@@ -139,9 +139,11 @@ class Rngs(Module):
         4
     """
 
-    def __init__(self, default: Any = None, /, **streams: Any) -> None:
-        if default is not None:
-            streams = {"default": default, **streams}
+    # Not `default, /`: inspect.Signature.bind (Python 3.11; the tests' runtime type
+    # checks bind every call) refuses a keyword named like a positional-only parameter.
+    def __init__(self, default_seed: Any = None, /, **streams: Any) -> None:
+        if default_seed is not None:
+            streams = {"default": default_seed, **streams}
         for name, seed in streams.items():
             if hasattr(Rngs, name):
                 raise ValueError(f"tl.Rngs: {name!r} cannot name a stream (it is a method).")

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
+import jax.core  # named: jax imports it, but pyright sees only what is imported
 import numpy as np
 
 from toylib._core.containers import LAYOUT, is_tracked, new_mapping

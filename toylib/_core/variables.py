@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.core  # named: jax imports it, but pyright sees only what is imported
 import jax.numpy as jnp
 import numpy as np
 
@@ -227,7 +228,7 @@ class Variable:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "value":
-            Variable.value.fset(self, value)
+            Variable.value.__set__(self, value)
         elif name in Variable.__slots__:  # copy/pickle restore slots this way
             object.__setattr__(self, name, value)
         elif name in self._metadata:
@@ -351,7 +352,7 @@ def checked_value(old: Any, new: Any, path: str, caller: str) -> Any:
     """
     new = unwrap(new)
     if hasattr(old, "shape") and hasattr(old, "dtype"):
-        if isinstance(new, bool | int | float | complex) and old.shape == ():
+        if old.shape == () and isinstance(new, bool | int | float | complex):
             array = np if isinstance(old, np.ndarray) else jnp
             return array.asarray(new, dtype=old.dtype)
         if hasattr(new, "shape") and hasattr(new, "dtype"):
@@ -416,7 +417,7 @@ def describe_value(value: Any) -> str:
         dtype = getattr(value.dtype, "name", str(value.dtype))
         shape = ", ".join(map(str, value.shape))
         text = f"{dtype}[{shape}]"
-        if value.size == 1 and not jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        if value.size == 1 and not jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
             text += f" = {np.asarray(value).item()!r}"
         return text
     return repr(value)

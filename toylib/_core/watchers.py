@@ -26,11 +26,19 @@ Example:
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["SLOT", "Token", "changed", "watch"]
+__all__ = ["SLOT", "Token", "Watcher", "changed", "watch"]
 
 SLOT = "_toylib_watchers"  # the slot every watchable object has
+
+
+@runtime_checkable
+class Watcher(Protocol):
+    """What ``watch`` invalidates: a weak-referenceable object with a ``valid`` flag
+    (a ``Token``, or ``tl.jit``'s recorded fast path)."""
+
+    valid: bool
 
 
 class Token:
@@ -42,7 +50,7 @@ class Token:
         self.valid = True
 
 
-def watch(obj: Any, token: Token) -> None:
+def watch(obj: Any, token: Watcher) -> None:
     """Invalidate ``token`` at the next structural change of ``obj``."""
     refs = getattr(obj, SLOT, None)
     if refs is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.core  # named: jax imports it, but pyright sees only what is imported
 import numpy as np
 
 from toylib._core import graph
@@ -139,7 +140,7 @@ def describe(x: Any) -> dict[str, Any]:
     if not hasattr(x, "dtype"):
         x = np.asarray(x)
     meta: dict[str, Any] = {"shape": list(x.shape), "dtype": str(x.dtype)}
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    if jax.numpy.issubdtype(x.dtype, jax.dtypes.prng_key):
         meta["key"] = str(jax.random.key_impl(x))
     return meta
 
@@ -232,7 +233,7 @@ def data_like(x: Any) -> jax.ShapeDtypeStruct:
     if not hasattr(x, "dtype"):
         x = np.asarray(x)
     shape, dtype = x.shape, x.dtype
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if jax.numpy.issubdtype(dtype, jax.dtypes.prng_key):
         data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
         shape, dtype = data.shape, data.dtype
     return jax.ShapeDtypeStruct(shape, dtype, sharding=placement(x))

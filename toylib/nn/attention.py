@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.core  # named: jax imports it, but pyright sees only what is imported
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Shaped
 
@@ -137,10 +138,10 @@ got {shape}.
 
 
 def make_attention_mask(
-    query_input: Shaped[ArrayLike, "*batch q"],
-    key_input: Shaped[ArrayLike, "*batch kv"],
+    query_input: Shaped[ArrayLike, "*#batch q"],
+    key_input: Shaped[ArrayLike, "*#batch kv"],
     pairwise_fn: Callable[[Array, Array], Array] = jnp.multiply,
-) -> Bool[Array, "*batch 1 q kv"]:
+) -> Bool[Array, "*#batch 1 q kv"]:
     """A boolean mask from a pairwise function of query and key positions.
 
     The usual use is padding: ``make_attention_mask(tokens > 0, tokens > 0)``
@@ -168,7 +169,9 @@ def make_attention_mask(
     return jnp.asarray(pairs).astype(jnp.bool_)[..., None, :, :]
 
 
-def make_causal_mask(tokens: Shaped[ArrayLike, "*batch length"]) -> Bool[Array, "*batch 1 L L"]:
+def make_causal_mask(
+    tokens: Shaped[ArrayLike, "*batch length"],
+) -> Bool[Array, "*batch 1 length length"]:
     """A causal mask: position ``i`` attends to positions ``j <= i`` only.
 
     Arguments:
@@ -207,7 +210,7 @@ def _and_mask(mask: Any, extra: Array) -> Array:
 
 def dot_product_attention_weights(
     query: Float[ArrayLike, "*batch q heads d"],
-    key: Float[ArrayLike, "*batch kv heads d"],
+    key: Float[ArrayLike, "*batch kv kv_heads d"],
     mask: Shaped[ArrayLike, "*mask"] | None = None,
     *,
     bias: Float[ArrayLike, "*bias"] | None = None,
@@ -263,8 +266,8 @@ def dot_product_attention_weights(
 
 def dot_product_attention(
     query: Float[ArrayLike, "*batch q heads d"],
-    key: Float[ArrayLike, "*batch kv heads d"],
-    value: Float[ArrayLike, "*batch kv heads dv"],
+    key: Float[ArrayLike, "*batch kv kv_heads d"],
+    value: Float[ArrayLike, "*batch kv kv_heads dv"],
     mask: Shaped[ArrayLike, "*mask"] | None = None,
     *,
     bias: Float[ArrayLike, "*bias"] | None = None,
@@ -526,7 +529,7 @@ class MultiHeadAttention(Module):
         if not 0.0 <= dropout_rate <= 1.0:
             raise ValueError(f"MultiHeadAttention(dropout_rate={dropout_rate}): must be in [0, 1].")
         head_dim = qkv_features // num_heads
-        common = dict(
+        common: dict[str, Any] = dict(
             use_bias=use_bias,
             dtype=dtype,
             param_dtype=param_dtype,

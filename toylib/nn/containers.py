@@ -102,7 +102,7 @@ class MLP(Module):
                 "e.g. MLP([in_features, hidden, out_features])."
             )
         rngs = as_rngs(rngs, "MLP(rngs=...)")
-        self.layers = [
+        self.layers: list[Linear] = [
             Linear(a, b, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for a, b in itertools.pairwise(features)
         ]

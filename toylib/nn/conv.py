@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -98,7 +98,7 @@ def check_mask(cls: str, mask: Any, kernel_shape: tuple[int, ...], groups: str =
     return mask
 
 
-def is_int(v: Any) -> bool:
+def is_int(v: Any) -> TypeGuard[int]:  # (or a numpy integer: one in practice)
     """A Python or numpy integer, not a bool."""
     return isinstance(v, int | np.integer) and not isinstance(v, bool)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 
 def as_array(x: Any) -> jax.Array:
@@ -18,6 +19,22 @@ def as_array(x: Any) -> jax.Array:
     return x if isinstance(x, jax.Array) else jnp.asarray(x)
 
 
+# Typed for the callers' sake: the first array (a layer's input) and a pair come
+# back as arrays; further ones may be None (an absent bias) and stay Any.
+@overload
+def promote_dtype(x: ArrayLike, /, *, dtype: Any = None) -> tuple[jax.Array]: ...
+@overload
+def promote_dtype(
+    x: ArrayLike, y: ArrayLike, /, *, dtype: Any = None
+) -> tuple[jax.Array, jax.Array]: ...
+@overload
+def promote_dtype(
+    x: ArrayLike, y: ArrayLike, z: ArrayLike, /, *, dtype: Any = None
+) -> tuple[jax.Array, jax.Array, jax.Array]: ...
+@overload
+def promote_dtype(
+    x: ArrayLike, /, *arrays: ArrayLike | None, dtype: Any = None
+) -> tuple[jax.Array, *tuple[Any, ...]]: ...
 def promote_dtype(*arrays: Any, dtype: Any = None) -> tuple[Any, ...]:
     """Cast arrays (None passes through) to ``dtype``, or to their common dtype if None.
 

@@ -118,6 +118,12 @@ Fix: cast ids to an integer dtype, e.g. `embed(ids.astype(jnp.int32))`; to proje
 real-valued inputs use nn.Linear, or `embed.attend(x)` for the tied output projection.
 """
 
+IDS_NOT_AN_ARRAY = """\
+{where}: expected integer ids as an array, got a Python {kind}.
+Fix: make it an array first, e.g. `embed(jnp.asarray(ids))` (jnp functions, such
+as the jnp.take of the lookup, do not convert lists either).
+"""
+
 
 class Embed(Module):
     """A lookup table of ``num_embeddings`` vectors of size ``features``.
@@ -172,6 +178,10 @@ class Embed(Module):
         self.precision = precision
 
     def __call__(self, ids: Int[ArrayLike, "*ids"]) -> Float[Array, "*ids features"]:
+        if isinstance(ids, list | tuple):  # ArrayLike has no lists: JAX's rule, Flax's too
+            raise TypeError(
+                IDS_NOT_AN_ARRAY.format(where=module_path(self), kind=type(ids).__name__)
+            )
         ids = as_array(ids)
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise TypeError(

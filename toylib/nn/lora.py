@@ -13,6 +13,7 @@ leaves the base weights frozen::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -108,7 +109,7 @@ class LoRA(Module):
         lora_rank: int,
         out_features: int,
         *,
-        base_module: Any = None,
+        base_module: Callable[..., Any] | None = None,
         alpha: float | None = None,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,

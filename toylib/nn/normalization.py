@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float
+from jaxtyping import Array, ArrayLike, Float, Real
 
 from toylib._core.calls import module_path
 from toylib._core.module import Module
@@ -96,7 +96,7 @@ class BatchNorm(Module):
         self.use_fast_variance = use_fast_variance
 
     def __call__(
-        self, x: Float[ArrayLike, "*shape"], *, use_running_average: bool | None = None
+        self, x: Real[ArrayLike, "*shape"], *, use_running_average: bool | None = None
     ) -> Float[Array, "*shape"]:
         x = jnp.asarray(x)
         check_features(self, x.shape, self.num_features, name="num_features", axis=self.axis)
@@ -350,7 +350,7 @@ class LayerNorm(Module):
         self.use_fast_variance = use_fast_variance
         self.dtype = dtype
 
-    def __call__(self, x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+    def __call__(self, x: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
         x = jnp.asarray(x)
         _check_feature_axes(self, x.shape, self.num_features, self.feature_axes)
         reduce = _canonical_axes(self, self.reduction_axes, x.shape, "reduction_axes")
@@ -417,7 +417,7 @@ class RMSNorm(Module):
         self.use_fast_variance = use_fast_variance
         self.dtype = dtype
 
-    def __call__(self, x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+    def __call__(self, x: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
         x = jnp.asarray(x)
         _check_feature_axes(self, x.shape, self.num_features, self.feature_axes)
         reduce = _canonical_axes(self, self.reduction_axes, x.shape, "reduction_axes")
@@ -534,7 +534,7 @@ class GroupNorm(Module):
         self.dtype = dtype
 
     def __call__(
-        self, x: Float[ArrayLike, "*batch_and_spatial C"]
+        self, x: Real[ArrayLike, "*batch_and_spatial C"]
     ) -> Float[Array, "*batch_and_spatial C"]:
         x = jnp.asarray(x)
         spatial = self.num_spatial
@@ -672,7 +672,7 @@ class InstanceNorm(Module):
         self.use_fast_variance = use_fast_variance
         self.dtype = dtype
 
-    def __call__(self, x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+    def __call__(self, x: Real[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
         x = jnp.asarray(x)
         if self.num_spatial is None:
             if x.ndim < 2:

@@ -16,7 +16,7 @@ transposed, into ``torch.nn.LSTM`` / ``torch.nn.GRU``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +124,15 @@ def _zeros_carry(cell: Any, input_shape: tuple[int, ...]) -> jax.Array:
         )
     shape = (*input_shape[:-1], cell.hidden_features)
     return jnp.zeros(shape, _carry_dtype(cell.dtype, cell.param_dtype))
+
+
+@runtime_checkable
+class Cell(Protocol):
+    """What ``nn.RNN`` needs of a cell (a Module): a step and its initial carry."""
+
+    def __call__(self, carry: Any, x: Any) -> tuple[Any, Any]: ...
+
+    def initialize_carry(self, input_shape: tuple[int, ...]) -> Any: ...
 
 
 class _Cell(Module):
@@ -537,7 +546,7 @@ class RNN(Module):
 
     def __init__(
         self,
-        cell: Module,
+        cell: Cell,
         *,
         reverse: bool = False,
         keep_order: bool = False,

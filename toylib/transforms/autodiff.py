@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import jax
 
@@ -12,6 +12,8 @@ from toylib._core.paths import format_path
 from toylib._core.state import State
 from toylib._core.variables import Param, Variable
 from toylib.transforms.lifting import (
+    P,
+    R,
     Transform,
     call_inside,
     flatten_call,
@@ -44,6 +46,24 @@ BAD_AUX = """\
 """
 
 
+# Typed for editors: the result takes `fn`'s arguments; value_and_grad returns
+# `(fn's result, grads)`, grad returns grads (or `(grads, aux)`: not `fn`'s type).
+@overload
+def value_and_grad(
+    fn: Callable[P, R],
+    argnums: int | Sequence[int] = 0,
+    *,
+    wrt: Any = Param,
+    has_aux: bool = False,
+) -> Differentiated[P, tuple[R, Any]]: ...
+@overload
+def value_and_grad(
+    fn: None = None,
+    argnums: int | Sequence[int] = 0,
+    *,
+    wrt: Any = Param,
+    has_aux: bool = False,
+) -> Callable[[Callable[P, R]], Differentiated[P, tuple[R, Any]]]: ...
 def value_and_grad(
     fn: Callable | None = None,
     argnums: int | Sequence[int] = 0,
@@ -86,6 +106,22 @@ def value_and_grad(
     return _differentiate(fn, argnums, wrt, has_aux, "tl.value_and_grad", with_value=True)
 
 
+@overload
+def grad(
+    fn: Callable[P, Any],
+    argnums: int | Sequence[int] = 0,
+    *,
+    wrt: Any = Param,
+    has_aux: bool = False,
+) -> Differentiated[P, Any]: ...
+@overload
+def grad(
+    fn: None = None,
+    argnums: int | Sequence[int] = 0,
+    *,
+    wrt: Any = Param,
+    has_aux: bool = False,
+) -> Callable[[Callable[P, Any]], Differentiated[P, Any]]: ...
 def grad(
     fn: Callable | None = None,
     argnums: int | Sequence[int] = 0,
@@ -117,11 +153,17 @@ def _differentiate(
     return Differentiated(fn, argnums, wrt, has_aux, caller, with_value)
 
 
-class Differentiated(Transform):
+class Differentiated(Transform[P, R]):
     """The callable ``tl.grad`` and ``tl.value_and_grad`` return. See ``value_and_grad``."""
 
     def __init__(
-        self, fn: Callable, argnums: Any, wrt: Any, has_aux: bool, caller: str, with_value: bool
+        self,
+        fn: Callable[P, Any],
+        argnums: Any,
+        wrt: Any,
+        has_aux: bool,
+        caller: str,
+        with_value: bool,
     ) -> None:
         super().__init__(fn)
         self.kind = caller
@@ -130,7 +172,7 @@ class Differentiated(Transform):
         self._wrt, self._predicate = wrt, to_predicate(wrt)
         self._has_aux, self._with_value = has_aux, with_value
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         flat = flatten_call(args, kwargs, self.label)
         has_nodes = {o for o, top in zip(flat.origin, flat.tops, strict=True) if is_graph_node(top)}
         chosen = self._chosen(flat, has_nodes)
@@ -145,9 +187,10 @@ class Differentiated(Transform):
         by_arg = _grads_by_argument(flat, chosen, grads, self._nums, has_nodes, args, kwargs)
         result = by_arg[0] if isinstance(self._argnums, int) else tuple(by_arg)
         value = (loss, aux) if self._has_aux else loss
-        if self._with_value:
-            return value, result
-        return (result, aux) if self._has_aux else result
+        out: Any = (value, result)  # Any: R is what value_and_grad / grad declare
+        if not self._with_value:
+            out = (result, aux) if self._has_aux else result
+        return out
 
     def _chosen(self, flat: Any, has_nodes: set) -> list[int]:
         """The leaves to differentiate: ``wrt`` matches in Module arguments, plain arrays whole.
@@ -164,7 +207,7 @@ class Differentiated(Transform):
                 if not self._predicate(flat.arg_path(i), leaf):
                     continue
                 dtype = jax.typeof(flat.values[i]).dtype
-                if not jax.dtypes.issubdtype(dtype, jax.numpy.inexact):
+                if not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
                     raise TypeError(
                         NOT_FLOAT.format(
                             caller=self.kind,

@@ -16,7 +16,7 @@ import functools
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,8 @@ from toylib._core.variables import RngState, Variable
 from toylib.transforms.lifting import (
     Flat,
     OutSpec,
+    P,
+    R,
     Transform,
     call_inside,
     flatten_call,
@@ -382,13 +384,18 @@ def _raise_two_axes(flat: Flat, reach: dict, there: tuple, here: tuple, caller: 
 # -- vmap -------------------------------------------------------------------------------------
 
 
-class Vmapped(Transform):
+class Vmapped(Transform[P, R]):
     """The callable ``tl.vmap`` returns. See ``vmap``."""
 
     kind = "tl.vmap"
 
     def __init__(
-        self, fn: Callable, in_axes: Any, out_axes: Any, axis_size: int | None, axis_name: Any
+        self,
+        fn: Callable[P, R],
+        in_axes: Any,
+        out_axes: Any,
+        axis_size: int | None,
+        axis_name: Any,
     ) -> None:
         super().__init__(fn)
         _check_in_axes(in_axes, self.label, scan=False)
@@ -400,7 +407,7 @@ class Vmapped(Transform):
         self._out_values = values
         self._axis_size, self._axis_name = axis_size, axis_name
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         flat = flatten_call(args, kwargs, self.label)
         specs = _arg_specs(self.in_axes, len(args), self.label, scan=False)
         axes = _leaf_axes(flat, specs, self.label)
@@ -524,6 +531,26 @@ def _returned_axis(
     return _axis_of(spec, (*flat.keypath[top], *path[2:]), leaf, caller)
 
 
+# Typed for editors as keeping `fn`'s signature: the arguments and results are
+# the same kinds of objects (Modules, arrays), batched.
+@overload
+def vmap(
+    fn: Callable[P, R],
+    *,
+    in_axes: Any = 0,
+    out_axes: Any = 0,
+    axis_size: int | None = None,
+    axis_name: Any = None,
+) -> Vmapped[P, R]: ...
+@overload
+def vmap(
+    fn: None = None,
+    *,
+    in_axes: Any = 0,
+    out_axes: Any = 0,
+    axis_size: int | None = None,
+    axis_name: Any = None,
+) -> Callable[[Callable[P, R]], Vmapped[P, R]]: ...
 def vmap(
     fn: Callable | None = None,
     *,
@@ -811,10 +838,10 @@ def _replace_carry(flat: Flat, tops: tuple, arg: int, new_carry: Any) -> tuple:
     new_tops = jax.tree.leaves(new_carry, is_leaf=is_graph_node)
     if len(new_tops) != len(positions):
         raise ValueError(SCAN_STRUCTURE)
-    tops = list(tops)
+    replaced = list(tops)
     for t, new in zip(positions, new_tops, strict=True):
-        tops[t] = new
-    return tuple(tops)
+        replaced[t] = new
+    return tuple(replaced)
 
 
 def _assemble_output(flat: Flat, args_tops: tuple, carry_arg: list, ys: Any, out_axes: Any) -> Any:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
 
 from toylib.transforms.lifting import (
     OutSpec,
+    P,
+    R,
     Transform,
     call_inside,
     flatten_call,
@@ -68,6 +70,20 @@ def _never(i: int) -> bool:
     return False
 
 
+@overload
+def remat(
+    fn: Callable[P, R],
+    *,
+    policy: Callable | None = None,
+    prevent_cse: bool = True,
+) -> Rematted[P, R]: ...
+@overload
+def remat(
+    fn: None = None,
+    *,
+    policy: Callable | None = None,
+    prevent_cse: bool = True,
+) -> Callable[[Callable[P, R]], Rematted[P, R]]: ...
 def remat(
     fn: Callable | None = None,
     *,
@@ -97,16 +113,16 @@ def remat(
     return Rematted(fn, policy, prevent_cse)
 
 
-class Rematted(Transform):
+class Rematted(Transform[P, R]):
     """The callable ``tl.remat`` returns. See ``remat``."""
 
     kind = "tl.remat"
 
-    def __init__(self, fn: Callable, policy: Callable | None, prevent_cse: bool) -> None:
+    def __init__(self, fn: Callable[P, R], policy: Callable | None, prevent_cse: bool) -> None:
         super().__init__(fn)
         self._policy, self._prevent_cse = policy, prevent_cse
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         flat = flatten_call(args, kwargs, self.label)
         record: list[OutSpec] = []
         pure = jax.checkpoint(

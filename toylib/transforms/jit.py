@@ -25,9 +25,10 @@ import operator
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import jax
+import jax.core  # named: jax imports it, but pyright sees only what is imported
 import numpy as np
 
 from toylib._core.graph import ModuleDef, watch_graph
@@ -37,6 +38,8 @@ from toylib.transforms.lifting import (
     Flat,
     Layout,
     OutSpec,
+    P,
+    R,
     StaticArg,
     Transform,
     call_inside,
@@ -221,14 +224,14 @@ class _Fast:
     )
 
 
-class Jitted(Transform):
+class Jitted(Transform[P, R]):
     """The callable ``tl.jit`` returns. See ``jit``."""
 
     kind = "tl.jit"
 
     def __init__(
         self,
-        fn: Callable,
+        fn: Callable[P, R],
         donate: int | str | Sequence[int | str],
         static_argnames: str | Sequence[str],
         jit_kwargs: dict,
@@ -244,7 +247,7 @@ class Jitted(Transform):
         self._previous: Layout | None = None  # the last Layout compiled, to explain retraces
         self._retraces: dict[Any, int] = {}
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         try:  # free unless raised: a failed tl.error_if check comes out as its own error
             fast = self._fast
             if fast is not None and fast.valid:
@@ -476,6 +479,24 @@ def _positions(fn: Callable, names: tuple[str, ...]) -> list[int]:
     ]
 
 
+@overload
+def jit(
+    fn: Callable[P, R],
+    *,
+    donate: int | str | Sequence[int | str] = (),
+    static_argnames: str | Sequence[str] = (),
+    in_shardings: Any = None,
+    out_shardings: Any = None,
+) -> Jitted[P, R]: ...
+@overload
+def jit(
+    fn: None = None,
+    *,
+    donate: int | str | Sequence[int | str] = (),
+    static_argnames: str | Sequence[str] = (),
+    in_shardings: Any = None,
+    out_shardings: Any = None,
+) -> Callable[[Callable[P, R]], Jitted[P, R]]: ...
 def jit(
     fn: Callable | None = None,
     *,

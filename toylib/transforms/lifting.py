@@ -26,9 +26,10 @@ import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, ParamSpec, TypeVar
 
 import jax
+import jax.core  # named: jax imports it, but pyright sees only what is imported
 from jax._src import traceback_util
 from jax._src.core import get_opaque_trace_state  # not jax.extend's: see variables.py
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
@@ -74,7 +75,13 @@ which write in-place changes back as concrete arrays:
 """
 
 
-class Transform:
+# The wrapped function's parameters and result: `tl.jit(f)` has `f`'s signature
+# for a type checker (and an editor's completion).
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Transform(Generic[P, R]):
     """Base of the callables toylib's transforms return.
 
     They keep the wrapped function's ``__name__``, ``__qualname__``,
@@ -90,7 +97,7 @@ class Transform:
         if "__call__" in vars(cls):  # jax hides the excluded (toylib's) frames past here
             cls.__call__ = traceback_util.api_boundary(vars(cls)["__call__"])
 
-    def __init__(self, fn: Callable) -> None:
+    def __init__(self, fn: Callable[P, R]) -> None:
         functools.update_wrapper(self, fn, updated=())
         self._fn = fn
 

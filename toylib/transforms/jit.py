@@ -32,6 +32,7 @@ import jax.core  # named: jax imports it, but pyright sees only what is imported
 import numpy as np
 
 from toylib._core.graph import ModuleDef, watch_graph
+from toylib._core.paths import Path
 from toylib._core.skeleton import Map, Seq, Static, is_graph_node, rebuild
 from toylib._core.variables import Variable, get_value, set_value
 from toylib.transforms.lifting import (
@@ -89,7 +90,7 @@ def _short(value: Any, limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def static_change(old: Any, new: Any, path: tuple = ()) -> tuple[tuple, Any] | None:
+def static_change(old: Any, new: Any, path: Path = ()) -> tuple[Path, Any] | None:
     """The first Python value that differs between two layouts: ``(path, new value)``.
 
     Walks the skeletons and ModuleDefs of two GraphDef roots in step; None
@@ -342,16 +343,17 @@ class Jitted(Transform[P, R]):
         if count == RETRACE_WARNING_AT:
             self._warn_retrace(flat, path, value, count)
 
-    def _warn_retrace(self, flat: Flat, path: tuple, value: Any, count: int) -> None:
+    def _warn_retrace(self, flat: Flat, path: Path, value: Any, count: int) -> None:
         name = getattr(self._fn, "__name__", "fn")
         value = value.value if isinstance(value, StaticArg) else value
-        if len(path) > 1:  # inside a Module or container argument
+        top, *inner = path
+        if inner:  # inside a Module or container argument
             message = RETRACING_ATTRIBUTE.format(
                 name=name, count=count, where=flat.describe(path), value=_short(value)
             )
             warnings.warn(message, stacklevel=7)
             return
-        where = flat.origin[path[0]]
+        where = flat.origin[top]
         text = f"args[{where}]" if isinstance(where, int) else where
         try:
             params = list(inspect.signature(self._fn).parameters)

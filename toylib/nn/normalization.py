@@ -114,16 +114,14 @@ class BatchNorm(Module):
         x = _compute_dtype(x)
         stats = _stats_input(x)
         if use_running_average:
-            mean, var = self.mean.value, self.var.value
+            centred = stats - self.mean.value.reshape(feature_shape)
+            var = self.var.value.reshape(feature_shape)
         else:
-            mean, var = _mean_var(stats, reduce, self.use_fast_variance, self.axis_name)
-            mean, var = mean.reshape(-1), var.reshape(-1)
+            mean, var, centred = _mean_var(stats, reduce, self.use_fast_variance, self.axis_name)
             m = self.momentum
-            self.mean.value = m * self.mean.value + (1 - m) * mean
-            self.var.value = m * self.var.value + (1 - m) * var
-        y = (stats - mean.reshape(feature_shape)) * jax.lax.rsqrt(
-            var.reshape(feature_shape) + self.epsilon
-        )
+            self.mean.value = m * self.mean.value + (1 - m) * mean.reshape(-1)
+            self.var.value = m * self.var.value + (1 - m) * var.reshape(-1)
+        y = centred * jax.lax.rsqrt(var + self.epsilon)
         if scale is not None:
             y = y * scale.reshape(feature_shape)
         if bias is not None:
@@ -239,12 +237,18 @@ def _stats_input(x: Array) -> Array:
 
 def _mean_var(
     stats: Array, reduce: tuple[int, ...], fast: bool, axis_name: str | None = None
-) -> tuple[Array, Array]:
-    """Mean and biased variance over ``reduce`` (kept as size-1 axes), optionally over a vmap axis.
+) -> tuple[Array, Array, Array]:
+    """Mean, biased variance (both kept as size-1 axes) and ``stats - mean``, over ``reduce``.
 
     Two passes unless ``fast``: ``E[x^2] - E[x]^2`` loses everything to
     cancellation once the mean is large against the spread (see the module
-    docstring), so it is only taken when asked for.
+    docstring), so it is only taken when asked for. ``axis_name``: also
+    average over that vmapped axis. The centred input is returned so that
+    callers normalise with the very array the variance was taken from:
+    written twice, ``stats - mean`` is one subtraction in the forward pass
+    (XLA merges them) but two in the backward pass, and that extra cotangent
+    traffic cost the GPT train step 10% more bytes on XLA:CPU
+    (benchmarks/README.md, gpt.py).
     """
 
     def mean(v: Array) -> Array:
@@ -252,9 +256,10 @@ def _mean_var(
         return m if axis_name is None else jax.lax.pmean(m, axis_name)
 
     mu = mean(stats)
+    centred = stats - mu
     if fast:
-        return mu, jnp.maximum(0.0, mean(jnp.square(stats)) - jnp.square(mu))
-    return mu, mean(jnp.square(stats - mu))
+        return mu, jnp.maximum(0.0, mean(jnp.square(stats)) - jnp.square(mu)), centred
+    return mu, mean(jnp.square(centred)), centred
 
 
 def _compute_dtype(x: Array) -> Array:
@@ -276,8 +281,8 @@ def _standardize(
     x, scale, bias = promote_dtype(x, scale, bias, dtype=norm.dtype)
     x = _compute_dtype(x)
     stats = _stats_input(x)
-    mean, var = _mean_var(stats, reduce, norm.use_fast_variance)
-    y = (stats - mean) * jax.lax.rsqrt(var + norm.epsilon)
+    _, var, centred = _mean_var(stats, reduce, norm.use_fast_variance)
+    y = centred * jax.lax.rsqrt(var + norm.epsilon)
     shape = _feature_shape(x.shape, features)
     if scale is not None:
         y = y * scale.reshape(shape)
@@ -561,8 +566,8 @@ class GroupNorm(Module):
         # spatial axes and group_size, keep batch and groups.
         first_spatial = x.ndim - 1 - spatial
         reduce = (*range(first_spatial, x.ndim - 1), x.ndim)
-        mean, var = _mean_var(grouped, reduce, self.use_fast_variance)
-        y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        _, var, centred = _mean_var(grouped, reduce, self.use_fast_variance)
+        y = (centred * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
         if scale is not None:
             y = y * scale
         if bias is not None:

@@ -114,16 +114,14 @@ class BatchNorm(Module):
         x = _compute_dtype(x)
         stats = _stats_input(x)
         if use_running_average:
-            mean, var = self.mean.value, self.var.value
+            centred = stats - self.mean.value.reshape(feature_shape)
+            var = self.var.value.reshape(feature_shape)
         else:
-            mean, var = _mean_var(stats, reduce, self.use_fast_variance, self.axis_name)
-            mean, var = mean.reshape(-1), var.reshape(-1)
+            mean, var, centred = _mean_var(stats, reduce, self.use_fast_variance, self.axis_name)
             m = self.momentum
-            self.mean.value = m * self.mean.value + (1 - m) * mean
-            self.var.value = m * self.var.value + (1 - m) * var
-        y = (stats - mean.reshape(feature_shape)) * jax.lax.rsqrt(
-            var.reshape(feature_shape) + self.epsilon
-        )
+            self.mean.value = m * self.mean.value + (1 - m) * mean.reshape(-1)
+            self.var.value = m * self.var.value + (1 - m) * var.reshape(-1)
+        y = centred * jax.lax.rsqrt(var + self.epsilon)
         if scale is not None:
             y = y * scale.reshape(feature_shape)
         if bias is not None:
@@ -239,12 +237,18 @@ def _stats_input(x: Array) -> Array:
 
 def _mean_var(
     stats: Array, reduce: tuple[int, ...], fast: bool, axis_name: str | None = None
-) -> tuple[Array, Array]:
-    """Mean and biased variance over ``reduce`` (kept as size-1 axes), optionally over a vmap axis.
+) -> tuple[Array, Array, Array]:
+    """Mean, biased variance (both kept as size-1 axes) and ``stats - mean``, over ``reduce``.
 
     Two passes unless ``fast``: ``E[x^2] - E[x]^2`` loses everything to
     cancellation once the mean is large against the spread (see the module
-    docstring), so it is only taken when asked for.
+    docstring), so it is only taken when asked for. ``axis_name``: also
+    average over that vmapped axis. The centred input is returned so that
+    callers normalise with the very array the variance was taken from:
+    written twice, ``stats - mean`` is one subtraction in the forward pass
+    (XLA merges them) but two in the backward pass, and that extra cotangent
+    traffic cost the GPT train step 10% more bytes on XLA:CPU
+    (benchmarks/README.md, gpt.py).
     """
 
     def mean(v: Array) -> Array:
@@ -252,9 +256,10 @@ def _mean_var(
         return m if axis_name is None else jax.lax.pmean(m, axis_name)
 
     mu = mean(stats)
+    centred = stats - mu
     if fast:
-        return mu, jnp.maximum(0.0, mean(jnp.square(stats)) - jnp.square(mu))
-    return mu, mean(jnp.square(stats - mu))
+        return mu, jnp.maximum(0.0, mean(jnp.square(stats)) - jnp.square(mu)), centred
+    return mu, mean(jnp.square(centred)), centred
 
 
 def _compute_dtype(x: Array) -> Array:
@@ -267,17 +272,42 @@ def _feature_shape(shape: tuple, features: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(n if i in features else 1 for i, n in enumerate(shape))
 
 
+@jax.custom_jvp
+def _materialized_cotangent(x: Array) -> Array:
+    """The identity, but the gradient flowing back into ``x`` is materialised as one array.
+
+    The backward pass of a standardisation ends in ``d_centred -
+    mean(d_centred)``: an elementwise step after a reduction, so XLA cannot
+    fuse it into the fusion that made ``d_centred``, and left free it fuses it
+    into every consumer instead. In a residual network those consumers are the
+    next block's gradient sums, so the unmaterialised terms pile up block after
+    block and each fusion re-reads all of them: on XLA:CPU the GPT train step
+    read 10% more bytes than with this barrier (benchmarks/README.md, gpt.py).
+    An optimization barrier on the tangent (and so on the cotangent, its
+    transpose) makes XLA write the finished gradient once. The values, and
+    every derivative (forward, reverse, higher order), are unchanged.
+    """
+    return x
+
+
+@_materialized_cotangent.defjvp
+def _materialized_cotangent_jvp(
+    primals: tuple[Array], tangents: tuple[Array]
+) -> tuple[Array, Array]:
+    return primals[0], jax.lax.optimization_barrier(tangents[0])
+
+
 def _standardize(
     norm: Any, x: jax.Array, reduce: tuple[int, ...], features: tuple[int, ...]
 ) -> jax.Array:
     """``(x - mean) / sqrt(var + epsilon) * scale + bias`` over ``reduce`` (Layer/InstanceNorm)."""
     scale = None if norm.scale is None else norm.scale.value
     bias = None if norm.bias is None else norm.bias.value
-    x, scale, bias = promote_dtype(x, scale, bias, dtype=norm.dtype)
+    x, scale, bias = promote_dtype(_materialized_cotangent(x), scale, bias, dtype=norm.dtype)
     x = _compute_dtype(x)
     stats = _stats_input(x)
-    mean, var = _mean_var(stats, reduce, norm.use_fast_variance)
-    y = (stats - mean) * jax.lax.rsqrt(var + norm.epsilon)
+    _, var, centred = _mean_var(stats, reduce, norm.use_fast_variance)
+    y = centred * jax.lax.rsqrt(var + norm.epsilon)
     shape = _feature_shape(x.shape, features)
     if scale is not None:
         y = y * scale.reshape(shape)
@@ -561,8 +591,8 @@ class GroupNorm(Module):
         # spatial axes and group_size, keep batch and groups.
         first_spatial = x.ndim - 1 - spatial
         reduce = (*range(first_spatial, x.ndim - 1), x.ndim)
-        mean, var = _mean_var(grouped, reduce, self.use_fast_variance)
-        y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        _, var, centred = _mean_var(grouped, reduce, self.use_fast_variance)
+        y = (centred * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
         if scale is not None:
             y = y * scale
         if bias is not None:

@@ -625,6 +625,28 @@ def test_writing_past_the_cache_end_is_an_error_outside_jit():
     assert int(attn.cache_index.value) == L
 
 
+def test_writing_past_the_cache_end_is_an_error_inside_jit_and_stack():
+    attn = make(2)
+    x = rand(1, 2, L, F)
+    attn.init_cache((2, L, F))
+    attn.decode = True
+    step = tl.jit(lambda m, x: m(x))
+    step(attn, x[:, :3])
+    before = attn.cached_key.value
+    with pytest.raises(tl.RuntimeCheckError, match="KV cache is full"):
+        step(attn, x[:, :3])  # traced index: 3 written + 3 new > 5
+    assert attn.cached_key.value is before  # on CPU the failed step wrote nothing back
+    step(attn, x[:, 3:5])  # filling it exactly is fine
+    assert int(attn.cache_index.value) == L
+    # Eagerly inside an nn.Stack the blocks' indices are traced by the scan.
+    stack = nn.Stack(lambda rngs: nn.MultiHeadAttention(2, F, rngs=rngs), 2, rngs=tl.Rngs(0))
+    nn.init_cache(stack, 2, 4)
+    nn.set_decode(stack, True)
+    stack(x[:, :3])
+    with pytest.raises(tl.RuntimeCheckError, match="KV cache is full"):
+        stack(x[:, :2])
+
+
 def test_causal_flag_equals_an_explicit_causal_mask():
     attn = make(2, causal=True)
     x = rand(1, 2, L, F)

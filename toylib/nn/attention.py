@@ -23,6 +23,7 @@ from toylib._core.calls import module_path
 from toylib._core.module import Module
 from toylib._core.rngs import Rngs, RngStream, as_key, as_rngs
 from toylib._core.variables import Cache
+from toylib.errors import error_if
 from toylib.nn.checks import check_features
 from toylib.nn.dtypes import promote_dtype
 from toylib.nn.einsum import MergeHeads, ProjectHeads
@@ -126,6 +127,13 @@ Fix: allocate a longer cache (prompt + generated tokens), or start a new sequenc
 
     nn.init_cache(model, {batch}, max_length)           # every attention layer, or
     attn.init_cache(({batch_text}max_length, {features}))   # this layer only
+"""
+
+CACHE_FULL_TRACED = """\
+{where}: the KV cache is full: it holds {max_len} positions, and {new} new token(s)
+would go past its end (checked inside the transform, where the index is traced).
+Fix: allocate a longer cache (prompt + generated tokens) with
+`nn.init_cache(model, batch, max_length)`, or start a new sequence.
 """
 
 BAD_CACHE_SHAPE = """\
@@ -399,13 +407,15 @@ class MultiHeadAttention(Module):
     the new tokens' length (decoding is for self-attention). Inside
     ``tl.jit`` the cache is updated in place and carried out.
 
-    Writing past ``max_length`` is an error outside a transform, where
-    ``cache_index`` is a concrete number. Inside ``tl.jit`` (or a
-    ``tl.fori_loop``/``tl.scan``) the index is traced and is not checked:
-    checking would need a host callback on every step. There
-    ``lax.dynamic_update_slice`` clamps the write to the last positions, so
-    the new tokens overwrite the end of the cache and the outputs are wrong
-    without a warning: size the cache for prompt + generated tokens.
+    Writing past ``max_length`` is an error. Outside a transform, where
+    ``cache_index`` is a concrete number, it is raised before anything is
+    computed. Inside ``tl.jit`` (or a ``tl.fori_loop``/``tl.scan``, or an
+    ``nn.Stack`` of blocks) the index is traced, and the check is a
+    ``tl.error_if`` (a ``lax.cond`` on the index, no host callback unless it
+    fails) that raises ``tl.RuntimeCheckError`` when the step runs: without
+    it ``lax.dynamic_update_slice`` would clamp the write and the new tokens
+    would silently overwrite the end of the cache. ``TOYLIB_ON_ERROR=nothing``
+    drops the check (see ``tl.error_if``).
 
     ``causal=True`` makes self-attention causal without a mask argument:
     query ``i`` sees keys ``j <= i``, and in decode mode every new token sees
@@ -691,6 +701,9 @@ class MultiHeadAttention(Module):
         index = self.cache_index.value
         zero = jnp.zeros((), index.dtype)
         start = (zero,) * len(batch) + (index, zero, zero)
+        if isinstance(index, jax.core.Tracer):  # concrete indices: _check_decode
+            message = CACHE_FULL_TRACED.format(where=module_path(self), max_len=max_len, new=new)
+            key = error_if(key, index + new > max_len, message)
         cached_key = jax.lax.dynamic_update_slice(cached_key, key.astype(cached_key.dtype), start)
         cached_value = jax.lax.dynamic_update_slice(
             cached_value, value.astype(cached_value.dtype), start

@@ -81,7 +81,10 @@ def _attribute_docstring(value: Any, name: str) -> tuple[str, str]:
     for path in sorted((ROOT / "toylib").rglob("*.py")):
         tree = ast.parse(path.read_text())
         for node, after in zip(tree.body, tree.body[1:], strict=False):
-            targets = node.targets if isinstance(node, ast.Assign) else []
+            if isinstance(node, ast.Assign):
+                targets = node.targets
+            else:  # `Filter: TypeAlias = ...`
+                targets = [node.target] if isinstance(node, ast.AnnAssign) else []
             if not any(isinstance(t, ast.Name) and t.id == name for t in targets):
                 continue
             module_name = ".".join(path.relative_to(ROOT).with_suffix("").parts)

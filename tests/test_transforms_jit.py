@@ -1081,7 +1081,7 @@ def test_a_new_optax_transformation_per_optimizer_warns_naming_the_attribute():
         for run in range(8):  # a sweep that remakes optax.sgd each run: 8 programs
             model = nn.Linear(2, 2, rngs=run)
             step(model, tl.Optimizer(model, optax.sgd(0.1), wrt=tl.Param), jnp.ones((1, 2)))
-    assert seen[0].filename == __file__  # points at the caller's line
+    assert seen[0].filename == __file__, [w.filename for w in seen]  # the caller's line
     tx = optax.sgd(0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

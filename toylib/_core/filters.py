@@ -60,7 +60,19 @@ filters. For example:
 
 
 class BaseFilter:
-    """A predicate ``(path, value) -> bool`` that compares and hashes by its arguments."""
+    """A predicate ``(path, value) -> bool`` that compares and hashes by its arguments.
+
+    Subclass it for a filter of your own: equal arguments give equal filters,
+    so transforms' caches treat two of them alike.
+
+    Example:
+        >>> import toylib as tl
+        >>> class Named(tl.filters.BaseFilter):
+        ...     def __call__(self, path, value):
+        ...         return bool(path) and path[-1] == self.args[0]
+        >>> Named("bias") == Named("bias"), Named("bias")(("layer", "bias"), None)
+        (True, True)
+    """
 
     __slots__ = ("args",)
 
@@ -86,6 +98,17 @@ class BaseFilter:
 Filter: TypeAlias = (
     type | EllipsisType | bool | BaseFilter | Predicate | tuple[_Any, ...] | list[_Any] | None
 )
+"""What a filter argument may be, for annotations: ``def f(model, wrt: Filter = tl.Param)``.
+
+Example:
+    >>> import toylib as tl
+    >>> Filter = tl.filters.Filter
+    >>> def count(model, wrt: Filter = tl.Param) -> int:
+    ...     return len(tl.state(model, wrt).flat())
+    >>> from toylib import nn
+    >>> count(nn.Linear(2, 3, rngs=0)), count(nn.Linear(2, 3, rngs=0), tl.PathContains("bias"))
+    (2, 1)
+"""
 
 
 class OfType(BaseFilter):

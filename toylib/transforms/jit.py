@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import inspect
 import operator
+import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -29,6 +31,7 @@ from typing import Any, overload
 
 import jax
 import jax.core  # named: jax imports it, but pyright sees only what is imported
+import jaxtyping
 import numpy as np
 
 from toylib._core.graph import ModuleDef, watch_graph
@@ -83,6 +86,29 @@ traced and compiled once.
 """
 
 RETRACE_WARNING_AT = 8
+
+
+_OWN_FILES = (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),  # toylib
+    os.path.dirname(os.path.abspath(jax.__file__)),
+    os.path.dirname(os.path.abspath(jaxtyping.__file__)),  # its runtime checks wrap calls
+)
+
+
+def _user_frame(frame: Any) -> int:
+    """``warnings.warn``'s stacklevel, from ``frame`` (its caller), of the user's code.
+
+    The first frame outside toylib, jax and jaxtyping. Counted, not fixed:
+    runtime type checkers (jaxtyping + beartype in the tests; beartype's
+    wrappers are generated ``<...>`` code) and jax's API wrappers add frames.
+    """
+    level = 1
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not (name.startswith(_OWN_FILES) or name.startswith("<")):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
 
 
 def _short(value: Any, limit: int = 100) -> str:
@@ -351,7 +377,7 @@ class Jitted(Transform[P, R]):
             message = RETRACING_ATTRIBUTE.format(
                 name=name, count=count, where=flat.describe(path), value=_short(value)
             )
-            warnings.warn(message, stacklevel=7)
+            warnings.warn(message, stacklevel=_user_frame(sys._getframe()))
             return
         where = flat.origin[top]
         text = f"args[{where}]" if isinstance(where, int) else where
@@ -363,7 +389,7 @@ class Jitted(Transform[P, R]):
         message = RETRACING.format(
             name=name, count=count, where=text, value=value, where_name=where_name
         )
-        warnings.warn(message, stacklevel=7)
+        warnings.warn(message, stacklevel=_user_frame(sys._getframe()))
 
     def _record(
         self, compiled: _Compiled, spec: OutSpec, flat: Flat, args: tuple, kwargs: dict

@@ -31,6 +31,7 @@ Run: ``python examples/digits.py [--epochs N] [--out DIR] [--resume] [--seed S]`
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -181,8 +182,16 @@ def make_optimizer(model: tl.Module, steps_per_epoch: int) -> tl.Optimizer:
     Returns:
         A ``tl.Optimizer`` over the model's Params.
     """
+    return tl.Optimizer(model, _adamw(steps_per_epoch))
+
+
+@functools.cache
+def _adamw(steps_per_epoch: int) -> optax.GradientTransformation:
+    # One transformation object per schedule: it is a static attribute of the
+    # Optimizer, so a new one (even with equal settings) is a new program for
+    # tl.jit(train_step); runs in one process (a resume) reuse the compiled step.
     schedule = optax.exponential_decay(LEARNING_RATE, steps_per_epoch, DECAY_PER_EPOCH)
-    return tl.Optimizer(model, optax.adamw(schedule, weight_decay=WEIGHT_DECAY))
+    return optax.adamw(schedule, weight_decay=WEIGHT_DECAY)
 
 
 def make_metrics() -> tl.metrics.MultiMetric:

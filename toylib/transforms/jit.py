@@ -82,7 +82,8 @@ static, as in Equinox and NNX: each new value is a new program.
 Fix: keep the same value from call to call (e.g. make the optax transformation
 once and give that object to every tl.Optimizer: two `optax.adam(1e-3)` are
 different functions), or hold it as data (an array, or a tl.Variable), which is
-traced and compiled once.
+traced and compiled once. If each value really is another model (a sweep over
+layer settings), the programs are needed: one tl.jit per model keeps them apart.
 """
 
 RETRACE_WARNING_AT = 8

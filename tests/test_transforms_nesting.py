@@ -69,8 +69,9 @@ def test_inner_transform_refuses_a_closed_over_module(inner, outer):
     assert float(model.n.value) >= 1.0
     before = model.n.value
     wrapped = OUTER[outer](lambda x: call(model, x))
-    with pytest.raises(RuntimeError, match=r"(?s)created outside tl\..*as an argument"):
-        wrapped(jnp.ones(3))
+    for _ in range(2):  # and again: no cached program skips the check
+        with pytest.raises(RuntimeError, match=r"(?s)created outside tl\..*as an argument"):
+            wrapped(jnp.ones(3))
     assert model.n.value is before  # nothing written, no tracer left behind
     assert not isinstance(model.n.value, jax.core.Tracer)
 
@@ -81,6 +82,29 @@ def test_inner_transform_on_an_argument_of_the_outer_one_writes_back(inner):
     call = INNER[inner]
     call(model, jnp.ones(3))
     once = float(model.n.value)
-    tl.jit(lambda m, x: call(m, x))(model, jnp.ones(3))
+    step = tl.jit(lambda m, x: call(m, x))
+    step(model, jnp.ones(3))
     assert float(model.n.value) == 2 * once
+    step(model, jnp.ones(3))  # the second call (tl.jit's fast path) writes back too
+    assert float(model.n.value) == 3 * once
     assert not isinstance(model.n.value, jax.core.Tracer)
+
+
+def test_threads_one_refused_one_writing_back():
+    from conftest import run_in_threads
+
+    def refused():
+        model = Count()
+        for _ in range(5):
+            with pytest.raises(RuntimeError, match="as an argument"):
+                tl.grad(lambda x: INNER["vmap"](model, x).sum())(jnp.ones(3))
+        return float(model.n.value)
+
+    def writes():
+        model = Count()
+        step = tl.jit(lambda m, x: INNER["vmap"](m, x))
+        for _ in range(5):
+            step(model, jnp.ones(3))
+        return float(model.n.value)
+
+    assert run_in_threads(refused, writes) == [0.0, 5.0]

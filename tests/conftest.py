@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,17 @@ import toylib as tl
 from toylib import nn
 from toylib._core import graph
 from toylib._core.variables import unwrap
+
+# Eight fake CPU devices for the sharding tests (tl.sharding, sharded
+# checkpoints), set before JAX starts its backend
+# (read when the first array is made, not at import). Arrays still go to device 0
+# unless placed, so the single-device tests run as they would on one device.
+DEVICES = 8
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}"
+    ).strip()
+
 
 # -- data -----------------------------------------------------------------------------------
 

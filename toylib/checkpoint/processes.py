@@ -1,0 +1,84 @@
+"""Saving from many processes (``jax.distributed``): who does what, and agreeing on it.
+
+Every process calls ``tl.save`` with the same global arrays, and orbax writes
+from each process the shards that process holds. toylib's own file work (the
+checks, the staging directory's name, ``toylib.json``, the atomic swap) is done
+by the primary process (``jax.process_index() == 0``, orbax's primary too)
+alone; its outcome is broadcast, so every process returns once the checkpoint
+is in place, or raises if the primary failed. In one process (the usual case)
+these are plain calls: nothing is broadcast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+PRIMARY_FAILED = """\
+tl.save: the primary process (jax.process_index() == 0), which {step} for all
+processes, failed:
+    {error}
+Nothing was replaced: a checkpoint already at the path is unchanged. This
+process's arrays were not lost. Fix: see the primary process's error, above in
+its own output, then save again (every process calls tl.save together).
+"""
+
+_SIZE = 4096  # bytes broadcast: a staging name, or the start of the primary's error
+
+
+def many() -> bool:
+    """Whether this program runs as several JAX processes."""
+    return jax.process_count() > 1
+
+
+def is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def on_primary(step: str, fn: Callable[[], str]) -> str:
+    """``fn()`` run by the primary process; its result (a str) in every process.
+
+    If ``fn`` raises on the primary, the primary raises its own error and the
+    others raise PRIMARY_FAILED quoting it. Every process must call this
+    together (it is a collective), with the same ``step``.
+    """
+    if not many():
+        return fn()
+    result, error = "", None
+    if is_primary():
+        try:
+            result = fn()
+        except BaseException as caught:  # re-raised below, after the others have heard
+            error = caught
+            result = f"{type(caught).__name__}: {caught}"
+    ok, text = _broadcast(error is None, result)
+    if error is not None:
+        raise error
+    if not ok:
+        raise RuntimeError(PRIMARY_FAILED.format(step=step, error=text.strip()))
+    return text
+
+
+def _broadcast(ok: bool, text: str) -> tuple[bool, str]:
+    """The primary's ``(ok, text)`` in every process (text cut to ``_SIZE - 1`` bytes)."""
+    from jax.experimental import multihost_utils
+
+    data = text.encode()[: _SIZE - 1]
+    buffer = np.zeros(_SIZE + 1, np.uint8)
+    buffer[0] = ok
+    buffer[1 : 1 + len(data)] = np.frombuffer(data, np.uint8)
+    got = np.asarray(multihost_utils.broadcast_one_to_all(buffer, is_source=is_primary()))
+    return bool(got[0]), bytes(got[1:]).rstrip(b"\0").decode(errors="replace")
+
+
+def host_local(x: object) -> bool:
+    """Whether ``x`` is a jax array that lives on this process's devices only.
+
+    With several processes orbax refuses such arrays (each process holds its own
+    copy: a fresh model's, or a counter made outside a jitted step). toylib
+    writes the primary's copy, as a numpy array, which orbax writes from the
+    primary alone. SPMD programs keep these copies equal on every process.
+    """
+    return many() and isinstance(x, jax.Array) and x.is_fully_addressable

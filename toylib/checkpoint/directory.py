@@ -122,7 +122,7 @@ def save(path: str | os.PathLike, obj: Any) -> None:
     # Every process calls save; the primary alone checks the path and names the
     # staging directory (its host and pid, so a later save can tell if it died).
     name = processes.on_primary(
-        "checks the path and names the staging directory", lambda: _stage(target)
+        "check the path and make the staging directory", lambda: _stage(target)
     )
     staging = target.with_name(name)
     try:
@@ -134,7 +134,7 @@ def save(path: str | os.PathLike, obj: Any) -> None:
         # All files are written: the primary digests them and swaps the directory
         # in; the others wait for it, so every process returns once it is in place.
         processes.on_primary(
-            "puts the checkpoint in place", lambda: _finish(staging, target, stored)
+            "put the checkpoint in place", lambda: _finish(staging, target, stored)
         )
     finally:
         if processes.is_primary():

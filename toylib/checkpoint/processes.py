@@ -11,18 +11,19 @@ these are plain calls: nothing is broadcast.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable
 
 import jax
 import numpy as np
 
 PRIMARY_FAILED = """\
-tl.save: the primary process (jax.process_index() == 0), which {step} for all
-processes, failed:
-    {error}
-Nothing was replaced: a checkpoint already at the path is unchanged. This
-process's arrays were not lost. Fix: see the primary process's error, above in
-its own output, then save again (every process calls tl.save together).
+tl.save: the primary process (jax.process_index() == 0), which does a save's file
+work for every process, failed to {step}:
+{error}
+Nothing was replaced: a checkpoint already at the path is unchanged. Fix: see the
+error above (in full in the primary's own output), then save again, from every
+process together.
 """
 
 _SIZE = 4096  # bytes broadcast: a staging name, or the start of the primary's error
@@ -57,7 +58,8 @@ def on_primary(step: str, fn: Callable[[], str]) -> str:
     if error is not None:
         raise error
     if not ok:
-        raise RuntimeError(PRIMARY_FAILED.format(step=step, error=text.strip()))
+        error_text = textwrap.indent(text.strip(), "    ")
+        raise RuntimeError(PRIMARY_FAILED.format(step=step, error=error_text))
     return text
 
 

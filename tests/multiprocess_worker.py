@@ -1,0 +1,178 @@
+"""One process of the many-process test (tests/test_multiprocess.py), and the code it runs.
+
+Run by ``distributed.launch`` as 2 processes x 4 CPU devices, it trains a small
+MLP for three steps data x model parallel on a ("data", "model") = (2, 4)
+mesh, each process feeding its own rows of the batch; saves the model and
+optimizer with ``tl.save``; loads them back in both processes onto the same
+mesh and onto a (4, 2) one; and prints what it saw as JSON lines. The test
+runs ``train`` itself, in one process with 8 devices, and compares.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import toylib as tl
+from toylib import nn
+from toylib.checkpoint import directory
+
+ROWS, FEATURES, HIDDEN, OUT = 16, 8, 32, 4
+STEPS = 3
+# Data parallel over "data" (the batch's rows), model parallel over "model" (the hidden units).
+SPECS = {
+    "l1.kernel": P(None, "model"),
+    "l1.bias": P("model"),
+    "l2.kernel": P("model", None),
+}
+BATCH = P("data", None)
+
+
+class MLP(tl.Module):
+    def __init__(self) -> None:
+        # Fixed numpy weights: the same model in every process, without a random compile.
+        rng = np.random.default_rng(0)
+        self.l1 = nn.Linear(FEATURES, HIDDEN, rngs=0)
+        self.l2 = nn.Linear(HIDDEN, OUT, rngs=0)
+        self.l1.kernel.value = jnp.asarray(rng.normal(size=(FEATURES, HIDDEN)), jnp.float32)
+        self.l2.kernel.value = jnp.asarray(rng.normal(size=(HIDDEN, OUT)) * 0.2, jnp.float32)
+
+    def __call__(self, x):
+        return self.l2(jax.nn.relu(self.l1(x)))
+
+
+def mesh(shape: tuple[int, int]) -> jax.sharding.Mesh:
+    return jax.make_mesh(shape, ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+# TODO(tl.sharding): once it lands, tl.sharding.shard(model, mesh, rules) and
+# tl.sharding.batch(rows, ("batch", None)) replace `place` and `batch`.
+def place(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """``tree`` with every array on ``mesh``: sharded by SPECS, else replicated.
+
+    Built from this process's copy of each value (the same in every process),
+    so it works with one process or many.
+    """
+
+    def put(path, x):
+        name = jax.tree_util.keystr(path)  # e.g. "[1].opt_state[0][1].l1.kernel.value"
+        spec = next((s for k, s in SPECS.items() if name.endswith(f".{k}.value")), P())
+        host = np.asarray(x)
+        sharding = NamedSharding(mesh, spec)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map_with_path(put, tree)
+
+
+def data() -> tuple[np.ndarray, np.ndarray]:
+    """The whole batch (every process can make it; each feeds only its rows)."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(ROWS, FEATURES)).astype(np.float32)
+    return x, np.sin(x[:, :OUT]).astype(np.float32)
+
+
+def batch(rows: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
+    """A global array of ROWS rows from this process's own ``rows``."""
+    sharding = NamedSharding(mesh, BATCH)
+    shape = (ROWS, *rows.shape[1:])
+    return jax.make_array_from_process_local_data(sharding, rows, shape)
+
+
+def my_rows() -> slice:
+    """The rows this process feeds: the "data" axis of mesh((2, 4)) runs across processes."""
+    per = ROWS // jax.process_count()
+    return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+
+@tl.jit
+def train_step(model, optimizer, x, y):
+    loss, grads = tl.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+def train(the_mesh: jax.sharding.Mesh) -> tuple[MLP, tl.Optimizer, list[float]]:
+    """STEPS steps on ``the_mesh``, each process feeding its own rows; the losses."""
+    model = MLP()
+    model, optimizer = place((model, tl.Optimizer(model, optax.adam(1e-2))), the_mesh)
+    x, y = data()
+    xs, ys = batch(x[my_rows()], the_mesh), batch(y[my_rows()], the_mesh)
+    losses = [float(train_step(model, optimizer, xs, ys)) for _ in range(STEPS)]
+    return model, optimizer, losses
+
+
+def shards_equal(a: jax.Array, b: jax.Array) -> bool:
+    """Whether this process's shards of ``a`` and ``b`` (sharded alike) hold the same values."""
+    pairs = zip(a.addressable_shards, b.addressable_shards, strict=True)
+    return all(np.array_equal(np.asarray(s.data), np.asarray(t.data)) for s, t in pairs)
+
+
+def main(path: str) -> None:
+    import distributed  # tests/distributed.py, on PYTHONPATH
+
+    distributed.initialize()
+    report = lambda **fields: print(json.dumps(fields), flush=True)  # noqa: E731
+    report(process=jax.process_index(), devices=len(jax.devices()), local=jax.local_device_count())
+    rows = batch(data()[0][my_rows()], mesh((2, 4)))
+    report(rows=sorted({s.index[0].start for s in rows.addressable_shards}))
+
+    model, optimizer, losses = train(mesh((2, 4)))
+    report(losses=losses)
+    tl.save(path, (model, optimizer))  # every process writes its own shards
+    trained = jax.tree.leaves((model, optimizer))
+
+    # Back onto the same mesh: each process reads its shards only.
+    loaded = jax.tree.leaves(tl.load(path, (model, optimizer)))
+    report(same_mesh=all(shards_equal(a, b) for a, b in zip(loaded, trained, strict=True)))
+    # Onto a (4, 2) mesh, checked against the whole arrays read into each process.
+    fresh = MLP()
+    fresh = (fresh, tl.Optimizer(fresh, optax.adam(1e-2)))
+    other = tl.load(path, place(fresh, mesh((4, 2))))
+    whole = tl.load(path, fresh)  # uncommitted like: the full arrays, in each process
+    same = all(
+        np.array_equal(np.asarray(s.data), np.asarray(w)[s.index])
+        for a, w in zip(jax.tree.leaves(other), jax.tree.leaves(whole), strict=True)
+        for s in a.addressable_shards
+    )
+    kernel = other[0].l1.kernel.value
+    report(
+        other_mesh=same,
+        spec=str(kernel.sharding.spec),
+        shard_shapes=sorted({s.data.shape for s in kernel.addressable_shards}),
+    )
+
+    # Saves that fail on the primary: every process raises, nothing is replaced.
+    not_a_checkpoint = os.path.join(os.path.dirname(path), "a_file")
+    if jax.process_index() == 0:
+        open(not_a_checkpoint, "w").close()
+    report(refused=error_of(lambda: tl.save(not_a_checkpoint, fresh)))
+
+    def broken(*_: Any) -> None:  # the primary alone writes toylib.json
+        raise OSError("disk full (injected)")
+
+    directory._write_manifest = broken
+    report(failed=error_of(lambda: tl.save(path, fresh)))
+    kept = jax.tree.leaves(tl.load(path, (model, optimizer)))
+    report(kept=all(shards_equal(a, b) for a, b in zip(kept, trained, strict=True)))
+
+
+def error_of(save: Any) -> list[str]:
+    """The type and the lines of what ``save()`` raised."""
+    try:
+        save()
+    except Exception as error:
+        return [type(error).__name__, *str(error).splitlines()]
+    return []
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -26,11 +26,13 @@ otherwise, e.g. replicate a value computed from a reduction), and
 placed Variable with ``shard`` (which updates the record), not with a bare
 ``jax.device_put``.
 
-Meshes may have automatic axes (``axis_types=(AxisType.Auto,) * n``: XLA's
-propagation fills in what is not constrained, as in Flax and MaxText) or
-JAX's explicit axes (``jax.make_mesh``'s default): the placement is the same;
-with explicit axes JAX also types every intermediate value, and an operation
-it cannot shard unambiguously is its error.
+Meshes have automatic axes (``make_mesh`` here, or ``jax.make_mesh(...,
+axis_types=(AxisType.Auto,) * n)``): toylib places the state and the inputs,
+and XLA's SPMD partitioner shards everything in between (GSPMD, as in Flax
+and MaxText). JAX's newer explicit axes (``jax.make_mesh``'s default) type
+every intermediate value and make each matmul over a sharded dimension name
+its output sharding, which toylib's layers do not do: such a mesh is refused
+with that fix, never half supported.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from toylib._core.paths import Path, format_path
 from toylib._core.state import State
 from toylib._core.variables import Variable, unwrap
 
-__all__ = ["Rules", "batch", "constrain", "init", "named", "shard", "specs", "use"]
+__all__ = ["Rules", "batch", "constrain", "init", "make_mesh", "named", "shard", "specs", "use"]
 
 M = TypeVar("M")
 
@@ -95,14 +97,25 @@ NO_MESH = """\
 {caller}: no mesh given and none in use.
 Fix: pass one, or set the defaults for a block of code:
 
-    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    mesh = tl.sharding.make_mesh((2, 4), ("data", "model"))
     with tl.sharding.use(mesh, rules):
         ...
 """
 
+EXPLICIT_AXES = """\
+{caller}: the mesh has explicit axes ({axes}), JAX's default for jax.make_mesh.
+Explicit axes make every matmul over a sharded dimension name its output
+sharding, which toylib's layers do not do; toylib shards with automatic axes
+(XLA's partitioner fills in the intermediate values).
+Fix: make the mesh with automatic axes:
+
+    mesh = tl.sharding.make_mesh((2, 4), ("data", "model"))
+    # or: jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+"""
+
 NOT_A_MESH = """\
 {caller}: `mesh` must be a jax.sharding.Mesh, got {got}.
-Fix: make one with jax.make_mesh, e.g. `jax.make_mesh((2, 4), ("data", "model"))`.
+Fix: make one, e.g. `tl.sharding.make_mesh((2, 4), ("data", "model"))`.
 """
 
 BAD_RULES = """\
@@ -136,9 +149,19 @@ def _defaults(mesh: Mesh | None, rules: Rules | None, caller: str) -> tuple[Mesh
         mesh = current[0]
     if rules is None:
         rules = current[1] if current is not None else {}
-    if mesh is not None and not isinstance(mesh, Mesh):
-        raise TypeError(NOT_A_MESH.format(caller=caller, got=_kind(mesh)))
+    if mesh is not None:
+        _check_mesh(mesh, caller)
     return mesh, _checked_rules(rules, caller)
+
+
+def _check_mesh(mesh: Any, caller: str) -> None:
+    if not isinstance(mesh, Mesh):
+        raise TypeError(NOT_A_MESH.format(caller=caller, got=_kind(mesh)))
+    explicit = [
+        n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True) if t != AxisType.Auto
+    ]
+    if explicit:
+        raise ValueError(EXPLICIT_AXES.format(caller=caller, axes=", ".join(map(repr, explicit))))
 
 
 def _checked_rules(rules: Any, caller: str) -> dict:
@@ -248,6 +271,30 @@ def _resolved(model: Any, mesh: Mesh | None, rules: dict) -> list[tuple[Path, An
 # -- public API ---------------------------------------------------------------------------
 
 
+def make_mesh(
+    shape: Sequence[int], names: Sequence[str], *, devices: Sequence[Any] | None = None
+) -> Mesh:
+    """A device mesh with automatic axes, the kind toylib shards on (``jax.make_mesh``).
+
+    Arguments:
+        shape: devices along each axis, e.g. ``(2, 4)``; their product is the
+            number of devices used.
+        names: one name per axis, e.g. ``("data", "model")``.
+        devices: which devices (default: all of them, every process's).
+
+    Returns:
+        A ``jax.sharding.Mesh`` whose axes are all ``AxisType.Auto``.
+
+    Example:
+        >>> import toylib as tl
+        >>> mesh = tl.sharding.make_mesh((1,), ("data",))
+        >>> dict(mesh.shape), mesh.axis_types
+        ({'data': 1}, (Auto,))
+    """
+    auto = (AxisType.Auto,) * len(shape)
+    return jax.make_mesh(tuple(shape), tuple(names), axis_types=auto, devices=devices)
+
+
 def specs(model: Any, rules: Rules | None = None, mesh: Mesh | None = None) -> State:
     """The ``PartitionSpec`` of every Variable (and bare array) of ``model``, as a State.
 
@@ -283,7 +330,7 @@ def named(
 
     Example:
         >>> import jax, toylib as tl
-        >>> mesh = jax.make_mesh((1,), ("data",))
+        >>> mesh = tl.sharding.make_mesh((1,), ("data",))
         >>> tl.sharding.named(("batch", None), mesh, {"batch": "data"}).spec
         P('data', None)
     """
@@ -331,7 +378,7 @@ def shard(model: M, mesh: Mesh | None = None, rules: Rules | None = None) -> M:
     Example:
         >>> import jax, toylib as tl
         >>> from toylib import nn
-        >>> mesh = jax.make_mesh((1,), ("model",))
+        >>> mesh = tl.sharding.make_mesh((1,), ("model",))
         >>> lin = nn.Linear(4, 8, rngs=0)
         >>> lin.kernel.set_metadata(sharding=("embed", "mlp"))
         >>> _ = tl.sharding.shard(lin, mesh, {"embed": None, "mlp": "model"})
@@ -380,7 +427,7 @@ def init(make: Callable[[], M], mesh: Mesh | None = None, rules: Rules | None = 
     Example:
         >>> import jax, toylib as tl
         >>> from toylib import nn
-        >>> mesh = jax.make_mesh((1,), ("model",))
+        >>> mesh = tl.sharding.make_mesh((1,), ("model",))
         >>> model = tl.sharding.init(lambda: nn.Linear(4, 8, rngs=0), mesh, {})
         >>> dict(model.kernel.value.sharding.mesh.shape)
         {'model': 1}
@@ -441,14 +488,13 @@ def use(mesh: Mesh, rules: Rules | None = None) -> Iterator[Mesh]:
 
     Example:
         >>> import jax, jax.numpy as jnp, toylib as tl
-        >>> mesh = jax.make_mesh((1,), ("data",))
+        >>> mesh = tl.sharding.make_mesh((1,), ("data",))
         >>> with tl.sharding.use(mesh, {"batch": "data"}):
         ...     x = tl.sharding.constrain(jnp.ones((4, 2)), ("batch", None))
         >>> x.sharding.spec
         P('data', None)
     """
-    if not isinstance(mesh, Mesh):
-        raise TypeError(NOT_A_MESH.format(caller="tl.sharding.use", got=_kind(mesh)))
+    _check_mesh(mesh, "tl.sharding.use")
     token = _DEFAULTS.set((mesh, _checked_rules(rules or {}, "tl.sharding.use")))
     try:
         with jax.set_mesh(mesh):
@@ -466,8 +512,7 @@ def constrain(
 ) -> Any:
     """Constrain ``x`` to the sharding its logical ``names`` map to (inside ``tl.jit``).
 
-    ``jax.lax.with_sharding_constraint`` with automatic mesh axes,
-    ``jax.sharding.reshard`` with explicit ones; outside a trace the array is
+    ``jax.lax.with_sharding_constraint``; outside a trace the array is
     moved there. Without a mesh (none given, none in ``use``) this is the
     identity, so layer code can call it and still run on one device.
 
@@ -493,8 +538,6 @@ def constrain(
 
 
 def _constrain(x: Any, sharding: NamedSharding) -> Any:
-    if any(t == AxisType.Explicit for t in sharding.mesh.axis_types):
-        return jax.sharding.reshard(x, sharding)
     return jax.lax.with_sharding_constraint(x, sharding)
 
 
@@ -522,7 +565,7 @@ def batch(
 
     Example:
         >>> import jax, numpy as np, toylib as tl
-        >>> mesh = jax.make_mesh((1,), ("data",))
+        >>> mesh = tl.sharding.make_mesh((1,), ("data",))
         >>> xs = tl.sharding.batch(np.ones((8, 3)), ("batch", None), mesh=mesh,
         ...                        rules={"batch": "data"})
         >>> xs.shape, xs.sharding.spec

@@ -33,6 +33,16 @@ and MaxText). JAX's newer explicit axes (``jax.make_mesh``'s default) type
 every intermediate value and make each matmul over a sharded dimension name
 its output sharding, which toylib's layers do not do: such a mesh is refused
 with that fix, never half supported.
+
+Example:
+    >>> import toylib as tl
+    >>> from toylib import nn
+    >>> mesh = tl.sharding.make_mesh((1, 1), ("data", "model"))
+    >>> rules = {"embed": None, "mlp": "model"}
+    >>> make = lambda: nn.Linear(4, 8, rngs=0)
+    >>> model = tl.sharding.init(make, mesh, rules)
+    >>> model.kernel.value.sharding.spec  # no names on this Linear: replicated
+    P()
 """
 
 from __future__ import annotations
@@ -57,7 +67,15 @@ __all__ = ["Rules", "batch", "constrain", "init", "make_mesh", "named", "shard",
 M = TypeVar("M")
 
 Rules = Mapping[str, "str | tuple[str, ...] | None"]
-"""Logical name -> a mesh axis, a tuple of mesh axes (sharded over their product), or None."""
+"""Logical name -> a mesh axis, a tuple of mesh axes (split over their product), or None.
+
+Example:
+    >>> import toylib as tl
+    >>> rules: tl.sharding.Rules = {"batch": "data", "mlp": ("data", "model"), "embed": None}
+    >>> tl.sharding.named(("batch", "mlp"), tl.sharding.make_mesh((1, 1), ("data", "model")),
+    ...                   {"batch": None, "mlp": ("data", "model")}).spec
+    P(None, ('data', 'model'))
+"""
 
 PLACEMENT = "placement"  # the Variable metadata recording where shard/init put it
 

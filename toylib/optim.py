@@ -22,6 +22,7 @@ from toylib._core.module import Module
 from toylib._core.paths import Path, first_few, format_path, list_paths, sorted_keys
 from toylib._core.state import State
 from toylib._core.variables import Param, Variable, checked_value, spec_text, unwrap
+from toylib.sharding import place
 
 __all__ = ["OptState", "Optimizer"]
 
@@ -244,11 +245,11 @@ class Optimizer(Module):
         for slot, position in zip(slots, order, strict=True):
             slot.value = leaves[position]
             if places[position] is not None:
-                slot.value = jax.device_put(slot.value, places[position])
+                slot.value = place(slot.value, places[position])
                 slot.set_metadata(placement=places[position])
         if places and places[0] is not None:  # placed state: the step count beside it
             replicated = NamedSharding(places[0].mesh, PartitionSpec())
-            self.step.value = jax.device_put(self.step.value, replicated)
+            self.step.value = place(self.step.value, replicated)
             self.step.set_metadata(placement=replicated)
         self.state_layout = _StateLayout(
             jax.tree.structure(params_state), _specs(params), treedef, order

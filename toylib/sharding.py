@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -358,14 +359,25 @@ def named(
     return NamedSharding(mesh, resolve(names, None, rules, mesh, f"names {names}"))
 
 
-def _placed(value: Any, sharding: NamedSharding) -> Any:
-    """``value`` on ``sharding``; in many processes, each builds its own shards."""
-    if jax.process_count() == 1 or not hasattr(value, "shape"):
+def place(value: Any, sharding: NamedSharding) -> Any:
+    """``value`` on ``sharding``; in many processes, each process builds its own shards.
+
+    A value every process holds whole (the same seed, the same code) is cut
+    into the shards of each process's own devices: no transfer between
+    hosts (``jax.device_put`` cannot move one process's array onto another
+    process's devices). Random keys are placed through their key data.
+    """
+    if isinstance(value, jax.Array) and value.sharding == sharding:
+        return value
+    if not hasattr(value, "shape"):
         return jax.device_put(value, sharding)
-    # A value held whole by every process (the same seed, the same code):
-    # each process cuts out the shards of its own devices; no transfer
-    # between hosts. (jax.device_put cannot move a local array to devices of
-    # other processes.)
+    if jax.process_count() == 1 or (
+        isinstance(value, jax.Array) and not value.is_fully_addressable
+    ):
+        return jax.device_put(value, sharding)
+    if jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
+        data = place(jax.random.key_data(value), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(value))
     host = np.asarray(value)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
@@ -408,7 +420,7 @@ def shard(model: M, mesh: Mesh | None = None, rules: Rules | None = None) -> M:
         raise ValueError(NO_MESH.format(caller="tl.sharding.shard"))
     resolved = _resolved(model, mesh, rules)  # every check first: nothing moved yet
     moved = [
-        (path, leaf, _placed(unwrap(leaf), NamedSharding(mesh, spec)))
+        (path, leaf, place(unwrap(leaf), NamedSharding(mesh, spec)))
         for path, leaf, spec in resolved
     ]
     bare = {}

@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import treescope
 from treescope import context, formatting_util, rendering_parts, repr_lib, type_registries
 
@@ -72,8 +73,16 @@ def _once(node: Any, path: str | None, draw: Callable[[], Any]) -> Any:
 
 def _variable_text(variable: Variable) -> str:
     """``float32[3, 2]`` then the metadata: ``float32[3, 2] sharding=('embed', 'mlp')``."""
-    metadata = "".join(f" {k}={v!r}" for k, v in variable._metadata.items())
+    metadata = "".join(f" {k}={_metadata_text(v)}" for k, v in variable._metadata.items())
     return describe_value(variable._value) + metadata
+
+
+def _metadata_text(value: Any) -> str:
+    """A metadata value; a placement (a NamedSharding) as its spec and mesh shape."""
+    if isinstance(value, jax.sharding.NamedSharding):
+        axes = ", ".join(f"{name}={size}" for name, size in value.mesh.shape.items())
+        return f"{value.spec} on mesh({axes})"
+    return repr(value)
 
 
 def _reference(node: Any, where: str | None) -> Any:

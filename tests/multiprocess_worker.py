@@ -19,8 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import toylib as tl
 from toylib import nn
@@ -29,12 +27,8 @@ from toylib.checkpoint import directory
 ROWS, FEATURES, HIDDEN, OUT = 16, 8, 32, 4
 STEPS = 3
 # Data parallel over "data" (the batch's rows), model parallel over "model" (the hidden units).
-SPECS = {
-    "l1.kernel": P(None, "model"),
-    "l1.bias": P("model"),
-    "l2.kernel": P("model", None),
-}
-BATCH = P("data", None)
+RULES = {"batch": "data", "embed": None, "mlp": "model"}
+TX = optax.adam(1e-2)  # one transformation: a static attribute of tl.Optimizer
 
 
 class MLP(tl.Module):
@@ -45,32 +39,28 @@ class MLP(tl.Module):
         self.l2 = nn.Linear(HIDDEN, OUT, rngs=0)
         self.l1.kernel.value = jnp.asarray(rng.normal(size=(FEATURES, HIDDEN)), jnp.float32)
         self.l2.kernel.value = jnp.asarray(rng.normal(size=(HIDDEN, OUT)) * 0.2, jnp.float32)
+        # (what nn.Linear's kernel_sharding= / bias_sharding= arguments set)
+        self.l1.kernel.set_metadata(sharding=("embed", "mlp"))
+        self.l1.bias.set_metadata(sharding=("mlp",))
+        self.l2.kernel.set_metadata(sharding=("mlp", "embed"))  # l2.bias: replicated
 
     def __call__(self, x):
         return self.l2(jax.nn.relu(self.l1(x)))
 
 
 def mesh(shape: tuple[int, int]) -> jax.sharding.Mesh:
-    return jax.make_mesh(shape, ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    return tl.sharding.make_mesh(shape, ("data", "model"))
 
 
-# TODO(tl.sharding): once it lands, tl.sharding.shard(model, mesh, rules) and
-# tl.sharding.batch(rows, ("batch", None)) replace `place` and `batch`.
-def place(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """``tree`` with every array on ``mesh``: sharded by SPECS, else replicated.
+def make(the_mesh: jax.sharding.Mesh | None) -> tuple[MLP, tl.Optimizer]:
+    """The model, placed on ``the_mesh`` (None: not placed), and its optimizer.
 
-    Built from this process's copy of each value (the same in every process),
-    so it works with one process or many.
+    Every process builds the same full values; ``shard`` keeps each one's own shards.
     """
-
-    def put(path, x):
-        name = jax.tree_util.keystr(path)  # e.g. "[1].opt_state[0][1].l1.kernel.value"
-        spec = next((s for k, s in SPECS.items() if name.endswith(f".{k}.value")), P())
-        host = np.asarray(x)
-        sharding = NamedSharding(mesh, spec)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree.map_with_path(put, tree)
+    model = MLP()
+    if the_mesh is not None:
+        tl.sharding.shard(model, the_mesh, RULES)
+    return model, tl.Optimizer(model, TX)  # its state placed like the Params
 
 
 def data() -> tuple[np.ndarray, np.ndarray]:
@@ -80,11 +70,9 @@ def data() -> tuple[np.ndarray, np.ndarray]:
     return x, np.sin(x[:, :OUT]).astype(np.float32)
 
 
-def batch(rows: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
+def batch(rows: np.ndarray, the_mesh: jax.sharding.Mesh) -> jax.Array:
     """A global array of ROWS rows from this process's own ``rows``."""
-    sharding = NamedSharding(mesh, BATCH)
-    shape = (ROWS, *rows.shape[1:])
-    return jax.make_array_from_process_local_data(sharding, rows, shape)
+    return tl.sharding.batch(rows, ("batch", None), mesh=the_mesh, rules=RULES)
 
 
 def my_rows() -> slice:
@@ -102,8 +90,7 @@ def train_step(model, optimizer, x, y):
 
 def train(the_mesh: jax.sharding.Mesh) -> tuple[MLP, tl.Optimizer, list[float]]:
     """STEPS steps on ``the_mesh``, each process feeding its own rows; the losses."""
-    model = MLP()
-    model, optimizer = place((model, tl.Optimizer(model, optax.adam(1e-2))), the_mesh)
+    model, optimizer = make(the_mesh)
     x, y = data()
     xs, ys = batch(x[my_rows()], the_mesh), batch(y[my_rows()], the_mesh)
     losses = [float(train_step(model, optimizer, xs, ys)) for _ in range(STEPS)]
@@ -134,9 +121,8 @@ def main(path: str) -> None:
     loaded = jax.tree.leaves(tl.load(path, (model, optimizer)))
     report(same_mesh=all(shards_equal(a, b) for a, b in zip(loaded, trained, strict=True)))
     # Onto a (4, 2) mesh, checked against the whole arrays read into each process.
-    fresh = MLP()
-    fresh = (fresh, tl.Optimizer(fresh, optax.adam(1e-2)))
-    other = tl.load(path, place(fresh, mesh((4, 2))))
+    other = tl.load(path, make(mesh((4, 2))))
+    fresh = make(None)
     whole = tl.load(path, fresh)  # uncommitted like: the full arrays, in each process
     same = all(
         np.array_equal(np.asarray(s.data), np.asarray(w)[s.index])

@@ -14,22 +14,14 @@ import numpy as np
 import optax
 import pytest
 from conftest import np_init
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import toylib as tl
 from toylib import nn
 
-# Each Variable's spec, by the end of its path: the optimizer's moments
-# (`opt_state[0][1].l1.kernel`) end as their parameter does, so they are placed
-# like it. Everything else (the last bias, step counts) is replicated.
-SPECS = {
-    "l1.kernel": P("data", "model"),
-    "l1.bias": P("model"),
-    "l2.kernel": P("model", None),
-    "l2.bias": P(None),
-    "l3.kernel": P(None, "data"),
-}
+# Logical names per dimension, and the rules that map them to mesh axes:
+# l1.kernel is split over both axes, l3.kernel over "data" only.
+RULES = {"in": "data", "mlp": "model", "embed": None}
 TX = optax.adam(1e-2)
 
 
@@ -39,42 +31,36 @@ class MLP(tl.Module):
         self.l1 = nn.Linear(8, width, kernel_init=np_init(seed), rngs=0)
         self.l2 = nn.Linear(width, 16, kernel_init=np_init(seed + 1), rngs=0)
         self.l3 = nn.Linear(16, 8, kernel_init=np_init(seed + 2), rngs=0)
+        # (what nn.Linear's kernel_sharding= / bias_sharding= arguments set)
+        self.l1.kernel.set_metadata(sharding=("in", "mlp"))
+        self.l1.bias.set_metadata(sharding=("mlp",))
+        self.l2.kernel.set_metadata(sharding=("mlp", "embed"))
+        self.l2.bias.set_metadata(sharding=("embed",))
+        self.l3.kernel.set_metadata(sharding=("embed", "in"))  # l3.bias: no names, replicated
 
     def __call__(self, x):
         return self.l3(jax.nn.relu(self.l2(jax.nn.relu(self.l1(x)))))
 
 
-def make(seed: int, width: int = 16) -> tuple[MLP, tl.Optimizer]:
-    model = MLP(seed, width)
-    return model, tl.Optimizer(model, TX)
-
-
 def mesh(shape: tuple[int, int]) -> jax.sharding.Mesh:
-    return jax.make_mesh(shape, ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    return tl.sharding.make_mesh(shape, ("data", "model"))
 
 
-def sharding_of(path, mesh: jax.sharding.Mesh) -> NamedSharding:
-    name = jax.tree_util.keystr(path)  # e.g. "[1].opt_state[0][1].l1.kernel.value"
-    spec = next((s for k, s in SPECS.items() if name.endswith(f".{k}.value")), P())
-    return NamedSharding(mesh, spec)
+def make(seed: int, shape: tuple[int, int] | None, width: int = 16) -> tuple[MLP, tl.Optimizer]:
+    """A model and its optimizer, placed on a mesh of ``shape`` (None: left unplaced)."""
+    model = MLP(seed, width)
+    if shape is not None:
+        tl.sharding.shard(model, mesh(shape), RULES)
+    return model, tl.Optimizer(model, TX)  # its state placed like the Params
 
 
-# TODO(tl.sharding): once it lands, build these with nn.Linear(kernel_sharding=...)
-# and tl.sharding.shard(model, mesh, rules); until then each array is placed here.
-def on(mesh: jax.sharding.Mesh, tree):
-    """``tree`` (Modules included) with each array placed on ``mesh`` by SPECS."""
-    return jax.tree.map_with_path(lambda p, x: jax.device_put(x, sharding_of(p, mesh)), tree)
+def shardings(tree) -> list:
+    return [x.sharding for x in jax.tree.leaves(tree)]
 
 
-def abstract_on(mesh: jax.sharding.Mesh, tree):
-    """An abstract ``tree`` whose ShapeDtypeStructs carry SPECS' shardings on ``mesh``.
-
-    (tl.eval_shape gives none on Auto meshes: jax.eval_shape reports shardings
-    only for Explicit axes, so they are attached here.)
-    """
-    return jax.tree.map_with_path(
-        lambda p, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_of(p, mesh)), tree
-    )
+def abstract(tree):
+    """``tree`` with each array replaced by a ShapeDtypeStruct of its shape, dtype and sharding."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 @tl.jit
@@ -87,7 +73,7 @@ def train_step(model, optimizer, x, y):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A (model, optimizer) sharded on a (2, 4) mesh, one step trained, and its checkpoint."""
-    model, optimizer = on(mesh((2, 4)), make(0))
+    model, optimizer = make(0, (2, 4))
     x = jax.device_put(np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8))
     train_step(model, optimizer, x, jnp.sin(x))
     assert model.l1.kernel.value.sharding.spec == P("data", "model")  # the step kept it
@@ -96,16 +82,16 @@ def saved(tmp_path_factory):
     return path, [np.asarray(x) for x in jax.tree.leaves((model, optimizer))]
 
 
-def check_loaded(loaded, like, values) -> None:
-    """Every array of ``loaded``: ``like``'s sharding, only its own shards, the saved values."""
-    got, want = jax.tree.leaves(loaded), jax.tree.leaves(like)
+def check_loaded(loaded, want: list, values: list) -> None:
+    """Every array of ``loaded``: sharded as ``want``, only its own shards, the saved values."""
+    got = jax.tree.leaves(loaded)
     assert len(got) == len(want) == len(values)
-    for array, target, value in zip(got, want, values, strict=True):
+    for array, sharding, value in zip(got, want, values, strict=True):
         assert isinstance(array, jax.Array)
-        assert array.sharding == target.sharding
+        assert array.sharding == sharding
         # Read straight into the sharding: each device holds its shard, not a full copy.
-        shard_shape = target.sharding.shard_shape(target.shape)
-        assert len(array.addressable_shards) == len(target.sharding.device_set)
+        shard_shape = sharding.shard_shape(value.shape)
+        assert len(array.addressable_shards) == len(sharding.device_set)
         for shard in array.addressable_shards:
             assert shard.data.shape == shard_shape
             np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index])
@@ -114,45 +100,59 @@ def check_loaded(loaded, like, values) -> None:
 
 def test_a_model_saved_on_2x4_loads_onto_4x2(saved):
     path, values = saved
-    like = on(mesh((4, 2)), make(1))
+    like = make(1, (4, 2))
     loaded = tl.load(path, like)
-    check_loaded(loaded, like, values)
-    kernel = loaded[0].l1.kernel.value
-    assert kernel.sharding.spec == P("data", "model") and kernel.sharding.mesh.shape["data"] == 4
-    assert {s.data.shape for s in kernel.addressable_shards} == {(2, 8)}  # of (8, 16), on 4x2
+    check_loaded(loaded, shardings(like), values)
+    kernel = loaded[0].l1.kernel
+    assert kernel.value.sharding.spec == P("data", "model")
+    assert kernel.value.sharding.mesh.shape["data"] == 4
+    assert {s.data.shape for s in kernel.value.addressable_shards} == {(2, 8)}  # of (8, 16)
+    assert kernel.placement == kernel.value.sharding  # like's record: tl.jit keeps it there
     # The optimizer's moments come back placed like their parameter.
     moment = jax.tree.leaves(tl.state(loaded[1]))[2]
-    assert moment.shape == (8, 16) and moment.sharding == kernel.sharding
+    assert moment.shape == (8, 16) and moment.sharding == kernel.value.sharding
 
 
 def test_a_sharded_checkpoint_loads_onto_one_device(saved):
     path, values = saved
     # A fresh model (uncommitted on the default device) and one committed to device 3.
-    fresh = make(1)
-    check_loaded(tl.load(path, fresh), fresh, values)
-    assert not any(x.committed for x in jax.tree.leaves(tl.load(path, fresh)))
+    fresh = make(1, None)
+    loaded = tl.load(path, fresh)
+    check_loaded(loaded, shardings(fresh), values)
+    assert not any(x.committed for x in jax.tree.leaves(loaded))
     device = jax.devices()[3]
-    pinned = jax.tree.map(lambda x: jax.device_put(x, device), make(1))
+    pinned = jax.tree.map(lambda x: jax.device_put(x, device), make(1, None))
     loaded = tl.load(path, pinned)
-    check_loaded(loaded, pinned, values)
+    check_loaded(loaded, shardings(pinned), values)
     assert all(x.devices() == {device} and x.committed for x in jax.tree.leaves(loaded))
+
+
+def test_an_abstract_like_loads_into_the_placements_its_variables_record(saved):
+    path, values = saved
+    # Built abstract and placed on (4, 2): nothing allocated. tl.eval_shape's
+    # ShapeDtypeStructs carry no sharding, but each Variable records its placement.
+    model = tl.eval_shape(lambda: tl.sharding.init(lambda: MLP(1), mesh((4, 2)), RULES))
+    assert model.l1.kernel.value.sharding is None
+    live = make(1, (4, 2))
+    # Workaround: tl.eval_shape(lambda m: tl.Optimizer(m, TX), model) fails on a
+    # placed model (tl.sharding.place reads a tracer's .sharding), so the abstract
+    # optimizer takes its shardings from a live one.
+    loaded = tl.load(path, (model, abstract(live[1])))
+    check_loaded(loaded, shardings(live), values)
+    assert isinstance(loaded[0], MLP) and isinstance(loaded[1], tl.Optimizer)
 
 
 def test_an_abstract_like_with_shardings(saved):
     path, values = saved
-    abstract = tl.eval_shape(lambda: make(1))
-    like = abstract_on(mesh((4, 2)), abstract)
-    loaded = tl.load(path, like)
-    check_loaded(loaded, like, values)
-    assert isinstance(loaded[0], MLP) and isinstance(loaded[1], tl.Optimizer)
-    # On the saving mesh shape too, with the other mesh's device order.
-    like = abstract_on(mesh((2, 4)), abstract)
-    check_loaded(tl.load(path, like), like, values)
+    # Any ShapeDtypeStruct's own sharding is used: on (4, 2) and on the saving mesh's shape.
+    for shape in ((4, 2), (2, 4)):
+        live = make(1, shape)
+        check_loaded(tl.load(path, abstract(live)), shardings(live), values)
 
 
 def test_a_like_of_another_shape_is_refused_before_reading(saved):
     path, _ = saved
-    like = on(mesh((4, 2)), make(1, width=32))
+    like = make(1, (4, 2), width=32)
     with pytest.raises(ValueError, match="shapes in the checkpoint at") as info:
         tl.load(path, like)
     message = str(info.value)

@@ -136,6 +136,15 @@ def main(path: str) -> None:
         shard_shapes=sorted({s.data.shape for s in kernel.addressable_shards}),
     )
 
+    # One process's blob cannot hold another's shards; a blob loads onto the mesh.
+    report(blob=error_of(lambda: tl.save_bytes(model)))
+    blob = tl.load_bytes(tl.save_bytes(whole), make(mesh((2, 4))))
+    report(
+        blob_loaded=all(
+            shards_equal(a, b) for a, b in zip(jax.tree.leaves(blob), trained, strict=True)
+        )
+    )
+
     # Saves that fail on the primary: every process raises, nothing is replaced.
     not_a_checkpoint = os.path.join(os.path.dirname(path), "a_file")
     if jax.process_index() == 0:

@@ -38,6 +38,12 @@ def test_two_processes_train_as_one_and_their_checkpoint_loads_in_one(tmp_path):
         # Both processes loaded the checkpoint back, onto the saving mesh and onto (4, 2).
         assert record["same_mesh"] and record["other_mesh"]
         assert record["spec"] == "P(None, 'model')" and record["shard_shapes"] == [[8, 16]]
+        # A blob of one process cannot hold the other's shards; one loads onto the mesh.
+        assert (
+            record["blob"][0] == "ValueError"
+            and "`model.l1.kernel` is sharded" in record["blob"][1]
+        )
+        assert record["blob_loaded"]
     # Saves that failed on the primary: it raised its own error, the other one quoting it...
     refused, failed = (
         (seen[0]["refused"], seen[1]["refused"]),

@@ -88,6 +88,12 @@ def save(path: str | os.PathLike, obj: Any) -> None:
     always holds one whole checkpoint: the old one, or one of the writers'.
     Only an earlier checkpoint or an empty directory is ever replaced.
 
+    A sharded model is written shard by shard. Under ``jax.distributed``
+    every process calls ``tl.save`` with the same arrays: orbax writes from
+    each process the shards it holds, the primary process alone does the
+    file work above, and every process returns once the checkpoint is in
+    place (or raises, if the primary failed).
+
     Arguments:
         path: the checkpoint directory. If it exists it must hold an earlier
             checkpoint (or be empty).
@@ -240,9 +246,11 @@ def load(path: str | os.PathLike, like: Any, *, verify: bool = True) -> Any:
 
     Each array is placed as ``like``'s is: read straight into its sharding when
     ``like``'s array is committed to devices or sharded (or an abstract one
-    carries a sharding), and uncommitted on the default device otherwise, as a
-    freshly built model's arrays are, so a ``tl.jit`` step compiled for fresh
-    objects is not compiled again for loaded ones.
+    carries a sharding, or its Variable records a ``tl.sharding`` placement),
+    each device reading only its own shard, on any mesh and in any number of
+    processes, whatever the saving ones were; uncommitted on the default
+    device otherwise, as a freshly built model's arrays are, so a ``tl.jit``
+    step compiled for fresh objects is not compiled again for loaded ones.
 
     Arguments:
         path: a directory written by ``tl.save``.

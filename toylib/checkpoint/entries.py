@@ -249,7 +249,7 @@ def placement(x: Any) -> jax.sharding.Sharding | None:
     fresh ones are not would compile a step again. So committedness is kept.
     """
     if isinstance(x, jax.ShapeDtypeStruct):
-        return x.sharding  # None for an abstract model: uncommitted
+        return x.sharding  # None (uncommitted) unless it or its Variable says where (Flat)
     if isinstance(x, jax.Array) and (x.committed or len(x.sharding.device_set) > 1):
         return x.sharding
     return None

@@ -107,6 +107,11 @@ def initialize() -> None:
         num_processes=int(os.environ[PROCESS_COUNT]),
         process_id=int(os.environ[PROCESS_ID]),
         initialization_timeout=JOIN_TIMEOUT,
+        # The coordinator (in process 0) listens on loopback only, not on JAX's
+        # default of every interface; a lost peer is noticed in seconds, not minutes.
+        coordinator_bind_address=os.environ[COORDINATOR],
+        heartbeat_timeout_seconds=JOIN_TIMEOUT,
+        shutdown_timeout_seconds=JOIN_TIMEOUT,
     )
 
 

@@ -4,8 +4,8 @@ tests/multiprocess_worker.py runs as two processes coordinated by
 ``jax.distributed`` on 127.0.0.1 (tests/distributed.py starts them, with
 bounded timeouts, and kills them by pid when the run ends). They train three
 steps data x model parallel and save a checkpoint; this process runs the same
-training on its own eight devices, compares the losses, and loads their
-checkpoint.
+training on its own eight devices first (its checkpoint is loaded by the two),
+compares the losses, and loads theirs.
 """
 
 import os
@@ -25,18 +25,21 @@ WORKER = Path(worker.__file__)
 
 
 def test_two_processes_train_as_one_and_their_checkpoint_loads_in_one(tmp_path):
-    path = tmp_path / "ckpt"
-    outputs = distributed.launch(WORKER, str(path), processes=2, devices=4, timeout=150)
-    seen = [distributed.records(out) for out in outputs]
-
     model, optimizer, losses = worker.train(worker.mesh((2, 4)))  # one process, 8 devices
     assert len(losses) == worker.STEPS and losses[-1] < losses[0]
+    tl.save(tmp_path / "one", (model, optimizer))  # for the two processes to load
+
+    path = tmp_path / "ckpt"
+    args = (str(path), str(tmp_path / "one"))
+    outputs = distributed.launch(WORKER, *args, processes=2, devices=4, timeout=150)
+    seen = [distributed.records(out) for out in outputs]
     for i, record in enumerate(seen):
         assert (record["process"], record["devices"], record["local"]) == (i, 8, 4)
         assert record["rows"] == [i * worker.ROWS // 2]  # each fed its own half of the batch
         np.testing.assert_allclose(record["losses"], losses, rtol=1e-5, atol=1e-5)
-        # Both processes loaded the checkpoint back, onto the saving mesh and onto (4, 2).
-        assert record["same_mesh"] and record["other_mesh"]
+        # Both processes loaded the checkpoint back, onto the saving mesh and onto (4, 2),
+        # and loaded the one this process saved.
+        assert record["same_mesh"] and record["other_mesh"] and record["from_one"]
         assert record["spec"] == "P(None, 'model')" and record["shard_shapes"] == [[8, 16]]
         # A blob of one process cannot hold the other's shards; one loads onto the mesh.
         assert (
@@ -56,7 +59,7 @@ def test_two_processes_train_as_one_and_their_checkpoint_loads_in_one(tmp_path):
     assert failed[1][0] == "RuntimeError" and "    OSError: disk full (injected)" in failed[1]
     # ...and the checkpoint they would have replaced is the trained one, nothing left beside it.
     assert seen[0]["kept"] and seen[1]["kept"]
-    assert sorted(os.listdir(tmp_path)) == ["a_file", "ckpt"]
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "ckpt", "one"]
 
     # Their checkpoint, loaded in this one process: into the 8-device model...
     like = (model, optimizer)

@@ -318,3 +318,18 @@ def test_names_and_placements_show_in_display(capsys):
     tl.display(model)
     text = capsys.readouterr().out
     assert "sharding=('embed', 'mlp') placement=P(None, 'model') on mesh(data=2, model=4)" in text
+
+
+def test_abstract_is_the_like_that_loads_a_checkpoint_sharded(tmp_path):
+    saved = tl.sharding.init(lambda: MLP(tl.Rngs(0)), auto_mesh(), RULES)
+    tl.save(tmp_path / "ckpt", saved)
+    other = auto_mesh((4, 2))
+    like = tl.sharding.abstract(lambda: MLP(tl.Rngs(1)), other, RULES)
+    assert isinstance(like.l1.kernel.value, jax.ShapeDtypeStruct)
+    loaded = tl.load(tmp_path / "ckpt", like)
+    kernel = loaded.l1.kernel.value
+    assert kernel.sharding.is_equivalent_to(NamedSharding(other, P(None, "model")), 2)
+    assert {s.data.shape for s in kernel.addressable_shards} == {(16, 16)}  # 32 / 2
+    assert loaded.l1.kernel.placement == NamedSharding(other, P(None, "model"))
+    for (_, v), (_, w) in zip(tl.iter_variables(loaded), tl.iter_variables(saved), strict=True):
+        np.testing.assert_array_equal(v.value, w.value)

@@ -11,7 +11,8 @@ mesh axis, a tuple of mesh axes, or None (replicated); so one model runs on
 * ``specs(model, rules)``: the ``PartitionSpec`` of every Variable.
 * ``shard(model, mesh, rules)``: place a built model, in place.
 * ``init(make, mesh, rules)``: build a model directly sharded (no device ever
-  holds a full copy of a sharded Variable).
+  holds a full copy of a sharded Variable); ``abstract(make, mesh, rules)``:
+  the same with nothing allocated, the ``like`` for ``tl.load``.
 * ``use(mesh, rules)``: the defaults for the calls below it (and JAX's mesh).
 * ``constrain(x, names)``: a sharding constraint inside ``tl.jit``.
 * ``batch(local, names)``: a global array from each process's own rows.
@@ -63,7 +64,18 @@ from toylib._core.paths import Path, format_path
 from toylib._core.state import State
 from toylib._core.variables import Variable, unwrap
 
-__all__ = ["Rules", "batch", "constrain", "init", "make_mesh", "named", "shard", "specs", "use"]
+__all__ = [
+    "Rules",
+    "abstract",
+    "batch",
+    "constrain",
+    "init",
+    "make_mesh",
+    "named",
+    "shard",
+    "specs",
+    "use",
+]
 
 M = TypeVar("M")
 
@@ -462,15 +474,8 @@ def init(make: Callable[[], M], mesh: Mesh | None = None, rules: Rules | None = 
         >>> dict(model.kernel.value.sharding.mesh.shape)
         {'model': 1}
     """
-    from toylib.transforms import eval_shape
-
-    mesh, rules = _defaults(mesh, rules, "tl.sharding.init")
-    if mesh is None:
-        raise ValueError(NO_MESH.format(caller="tl.sharding.init"))
-    abstract = eval_shape(make)
-    resolved = _resolved(abstract, mesh, rules)
+    abstract, resolved, shardings = _planned(make, mesh, rules, "tl.sharding.init")
     graphdef = flatten(abstract)[0]
-    shardings = [NamedSharding(mesh, spec) for _, _, spec in resolved]
     seen: list[Any] = []
 
     def build() -> list[Any]:
@@ -482,6 +487,57 @@ def init(make: Callable[[], M], mesh: Mesh | None = None, rules: Rules | None = 
     if seen[0] != graphdef:
         details = _graph_difference(graphdef, seen[0])
         raise ValueError(INIT_CHANGED.format(details=details))
+    _fill(abstract, resolved, values, shardings)
+    return abstract
+
+
+def abstract(make: Callable[[], M], mesh: Mesh | None = None, rules: Rules | None = None) -> M:
+    """``make()`` with nothing allocated: ``ShapeDtypeStruct`` values carrying their shardings.
+
+    The ``like`` to restore a checkpoint into a sharded model (``tl.load``
+    reads each array straight into its shard on each device), or to look at
+    a model too big to build. Each Variable records its placement, as with
+    ``init``; a plain ``tl.eval_shape`` has the names but no placement, so a
+    checkpoint loaded into it would land on one device.
+
+    Arguments:
+        make: builds the model (it is traced, never run on devices).
+        mesh, rules: as for ``init`` (default: those of ``use``).
+
+    Returns:
+        The abstract model.
+
+    Example:
+        >>> import toylib as tl
+        >>> from toylib import nn
+        >>> mesh = tl.sharding.make_mesh((1,), ("model",))
+        >>> like = tl.sharding.abstract(lambda: nn.Linear(4, 8, rngs=0), mesh, {})
+        >>> like.kernel.value.shape, like.kernel.value.sharding.spec
+        ((4, 8), P())
+    """
+    like, resolved, shardings = _planned(make, mesh, rules, "tl.sharding.abstract")
+    values = [
+        jax.ShapeDtypeStruct(unwrap(leaf).shape, unwrap(leaf).dtype, sharding=sharding)
+        for (_, leaf, _), sharding in zip(resolved, shardings, strict=True)
+    ]
+    _fill(like, resolved, values, shardings)
+    return like
+
+
+def _planned(make: Callable[[], M], mesh: Mesh | None, rules: Rules | None, caller: str) -> tuple:
+    """``make`` traced abstractly, and every leaf's checked sharding."""
+    from toylib.transforms import eval_shape
+
+    mesh, rules = _defaults(mesh, rules, caller)
+    if mesh is None:
+        raise ValueError(NO_MESH.format(caller=caller))
+    model = eval_shape(make)
+    resolved = _resolved(model, mesh, rules)
+    return model, resolved, [NamedSharding(mesh, spec) for _, _, spec in resolved]
+
+
+def _fill(model: Any, resolved: list, values: list, shardings: list) -> None:
+    """Set each leaf of ``model`` to its new value, recording Variables' placements."""
     bare = {}
     for (path, leaf, _), value, sharding in zip(resolved, values, shardings, strict=True):
         if isinstance(leaf, Variable):
@@ -490,8 +546,7 @@ def init(make: Callable[[], M], mesh: Mesh | None = None, rules: Rules | None = 
         else:
             bare[path] = value
     if bare:
-        update(abstract, State.from_flat(bare))
-    return abstract
+        update(model, State.from_flat(bare))
 
 
 def _graph_difference(a: Any, b: Any) -> str:

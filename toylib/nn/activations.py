@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike
 
 from toylib._core.module import Module
-from toylib._core.variables import Param
+from toylib.nn._sharding import Names, named_variable
 from toylib.nn.dtypes import as_array
 
 __all__ = ["PReLU"]
@@ -31,6 +31,10 @@ class PReLU(Module):
         negative_slope_init: the slope's starting value (default 0.01).
         dtype: compute dtype (default: the input's).
         param_dtype: dtype the slope is stored in (default float32).
+        negative_slope_sharding: the slope's logical axis names: a scalar
+            has no dimensions, so the only names are ``()``, which mark it as
+            named (``nn.Stack`` then names its stacked axis, ``("layers",)``).
+            Default None: no names (replicated).
         rngs: accepted for uniformity with other layers; unused.
 
     Returns:
@@ -49,10 +53,12 @@ class PReLU(Module):
         *,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        negative_slope_sharding: Names = None,
         rngs: Any = None,
     ) -> None:
         del rngs  # a constant initial value: nothing to draw
-        self.negative_slope = Param(jnp.asarray(negative_slope_init, param_dtype))
+        slope = jnp.asarray(negative_slope_init, param_dtype)
+        self.negative_slope = named_variable(self, "negative_slope", slope, negative_slope_sharding)
         self.dtype = dtype
 
     def __call__(self, x: ArrayLike) -> Array:

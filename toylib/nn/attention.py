@@ -24,6 +24,7 @@ from toylib._core.module import Module
 from toylib._core.rngs import Rngs, RngStream, as_key, as_rngs
 from toylib._core.variables import Cache
 from toylib.errors import error_if
+from toylib.nn._sharding import Names, check_names
 from toylib.nn.checks import check_features
 from toylib.nn.dtypes import promote_dtype
 from toylib.nn.einsum import MergeHeads, ProjectHeads
@@ -470,6 +471,26 @@ class MultiHeadAttention(Module):
         keep_rngs: keep the ``dropout`` stream in the layer (default True); with
             False the layer holds no random state and a training call with
             dropout takes ``rngs=``.
+        kernel_sharding: logical axis names of the ``query`` kernel ``(in,
+            heads, head_dim)``, one per dimension (a str, or None: not
+            sharded), conventionally ``("embed", "heads", "kv")``; stored as
+            its ``sharding`` metadata for ``tl.sharding``; also the ``key``
+            and ``value`` kernels' unless ``kv_kernel_sharding`` is given.
+            Default None: no names (replicated).
+        bias_sharding: the ``(heads, head_dim)`` biases' names, e.g.
+            ``("heads", "kv")``; the ``key``/``value`` biases' too unless
+            ``kv_bias_sharding`` is given (default None).
+        kv_kernel_sharding, kv_bias_sharding: the ``key`` and ``value``
+            projections' own names (default: ``kernel_sharding`` /
+            ``bias_sharding``). With grouped-query attention their head axis
+            has ``num_kv_heads`` entries, which a mesh axis may not divide:
+            ``("embed", None, "kv")`` keeps it whole.
+        out_kernel_sharding: the ``out`` kernel ``(heads, head_dim, out)``'s
+            names, conventionally ``("heads", "kv", "embed")`` (default None).
+        out_bias_sharding: the ``out`` bias ``(out,)``'s, e.g. ``("embed",)``
+            (default None).
+        qk_norm_sharding: the ``(head_dim,)`` scales of ``query_ln`` and
+            ``key_ln`` (with ``normalize_qk``), e.g. ``("kv",)`` (default None).
         rngs: ``tl.Rngs``, an int seed or a key; ``params`` draws the weights
             and ``dropout`` is kept when ``dropout_rate > 0``.
 
@@ -488,6 +509,10 @@ class MultiHeadAttention(Module):
         >>> gqa = nn.MultiHeadAttention(4, 8, num_kv_heads=2, causal=True, rngs=0)
         >>> gqa.key.kernel.shape, gqa(x).shape        # 2 key/value heads of size 2
         ((8, 2, 2), (3, 5, 8))
+        >>> named = nn.MultiHeadAttention(2, 8, kernel_sharding=("embed", "heads", "kv"),
+        ...                               out_kernel_sharding=("heads", "kv", "embed"), rngs=0)
+        >>> named.query.kernel.sharding, named.value.kernel.sharding, named.out.kernel.sharding
+        (('embed', 'heads', 'kv'), ('embed', 'heads', 'kv'), ('heads', 'kv', 'embed'))
 
         Decoding the same sequence token by token gives the same outputs::
 
@@ -521,6 +546,13 @@ class MultiHeadAttention(Module):
         out_kernel_init: Any = None,
         out_bias_init: Any = None,
         keep_rngs: bool = True,
+        kernel_sharding: Names = None,
+        bias_sharding: Names = None,
+        kv_kernel_sharding: Names = None,
+        kv_bias_sharding: Names = None,
+        out_kernel_sharding: Names = None,
+        out_bias_sharding: Names = None,
+        qk_norm_sharding: Names = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         rngs = as_rngs(rngs, "MultiHeadAttention(rngs=...)")
@@ -539,6 +571,27 @@ class MultiHeadAttention(Module):
         if not 0.0 <= dropout_rate <= 1.0:
             raise ValueError(f"MultiHeadAttention(dropout_rate={dropout_rate}): must be in [0, 1].")
         head_dim = qkv_features // num_heads
+        if kv_kernel_sharding is None:
+            kv_kernel_sharding = kernel_sharding
+        if kv_bias_sharding is None:
+            kv_bias_sharding = bias_sharding
+        # Checked here against each projection's shape, so that a wrong count
+        # names this layer's argument rather than the sub-layer it goes to.
+        q_shape = (in_features, num_heads, head_dim)
+        kv_shape = (in_kv_features, num_kv_heads, head_dim)
+        out_shape = (num_heads, head_dim, out_features)
+        names = {
+            argument: check_names(given, shape, layer=self, variable=variable, argument=argument)
+            for argument, given, shape, variable in [
+                ("kernel_sharding", kernel_sharding, q_shape, "query.kernel"),
+                ("bias_sharding", bias_sharding, q_shape[1:], "query.bias"),
+                ("kv_kernel_sharding", kv_kernel_sharding, kv_shape, "key.kernel"),
+                ("kv_bias_sharding", kv_bias_sharding, kv_shape[1:], "key.bias"),
+                ("out_kernel_sharding", out_kernel_sharding, out_shape, "out.kernel"),
+                ("out_bias_sharding", out_bias_sharding, out_shape[-1:], "out.bias"),
+                ("qk_norm_sharding", qk_norm_sharding, (head_dim,), "query_ln.scale"),
+            ]
+        }
         common: dict[str, Any] = dict(
             use_bias=use_bias,
             dtype=dtype,
@@ -553,11 +606,25 @@ class MultiHeadAttention(Module):
             "kernel_init": kernel_init if out_kernel_init is None else out_kernel_init,
             "bias_init": bias_init if out_bias_init is None else out_bias_init,
         }
-        self.query = ProjectHeads(in_features, num_heads, head_dim, **common)
-        self.key = ProjectHeads(in_kv_features, num_kv_heads, head_dim, **common)
-        self.value = ProjectHeads(in_kv_features, num_kv_heads, head_dim, **common)
-        self.out = MergeHeads(num_heads, head_dim, out_features, **out)
-        norm = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype)
+        q_names = dict(
+            kernel_sharding=names["kernel_sharding"], bias_sharding=names["bias_sharding"]
+        )
+        kv_names = dict(
+            kernel_sharding=names["kv_kernel_sharding"], bias_sharding=names["kv_bias_sharding"]
+        )
+        out_names = dict(
+            kernel_sharding=names["out_kernel_sharding"], bias_sharding=names["out_bias_sharding"]
+        )
+        self.query = ProjectHeads(in_features, num_heads, head_dim, **common, **q_names)
+        self.key = ProjectHeads(in_kv_features, num_kv_heads, head_dim, **common, **kv_names)
+        self.value = ProjectHeads(in_kv_features, num_kv_heads, head_dim, **common, **kv_names)
+        self.out = MergeHeads(num_heads, head_dim, out_features, **out, **out_names)
+        norm = dict(
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            scale_sharding=names["qk_norm_sharding"],
+        )
         self.query_ln = LayerNorm(head_dim, **norm) if normalize_qk else None
         self.key_ln = LayerNorm(head_dim, **norm) if normalize_qk else None
         # Keep the stream (not a key), as nn.Dropout does: every training call

@@ -13,10 +13,17 @@ from jaxtyping import Array, ArrayLike, Float
 from toylib._core.calls import labelled
 from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
+from toylib.nn._sharding import Names
 from toylib.nn.linear import Linear
 from toylib.transforms.batching import Carry, scan, vmap
 
 __all__ = ["MLP", "Sequential", "Stack"]
+
+MLP_FEATURES_SHARDING = """\
+MLP(features_sharding={names!r}): expected one logical axis name (a str, or None: not
+sharded) per entry of features={features}, {n} in all; got {got}.
+Fix: e.g. `features_sharding={example}`: layer i's kernel is then named (names[i], names[i + 1]).
+"""
 
 
 class Sequential(Module):
@@ -72,6 +79,13 @@ class MLP(Module):
         activation: applied after every layer but the last (default relu).
         final_activation: applied after the last layer (default none).
         use_bias, dtype, param_dtype: passed to every Linear.
+        features_sharding: one logical axis name (a str, or None: not
+            sharded) per entry of ``features``, e.g. ``("embed", "mlp",
+            "embed")`` for ``[d, 4 * d, d]``: layer ``i``'s kernel is named
+            ``(names[i], names[i + 1])`` and its bias ``(names[i + 1],)``, so
+            the size between two layers has one name for both. Default None:
+            no names (replicated). For other layouts, build the Linear layers
+            yourself with their own ``kernel_sharding``.
         rngs: ``tl.Rngs``, an int seed or a key.
 
     Returns:
@@ -83,6 +97,9 @@ class MLP(Module):
         >>> mlp = nn.MLP([4, 32, 32, 2], rngs=0)
         >>> mlp(jnp.ones((8, 4))).shape, len(mlp.layers)
         ((8, 2), 3)
+        >>> named = nn.MLP([4, 16, 4], features_sharding=("embed", "mlp", "embed"), rngs=0)
+        >>> named.layers[0].kernel.sharding, named.layers[1].kernel.sharding
+        (('embed', 'mlp'), ('mlp', 'embed'))
     """
 
     def __init__(
@@ -94,6 +111,7 @@ class MLP(Module):
         use_bias: bool = True,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
+        features_sharding: Names = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         if len(features) < 2:
@@ -101,10 +119,21 @@ class MLP(Module):
                 f"MLP(features={list(features)}): give at least an input and an output size, "
                 "e.g. MLP([in_features, hidden, out_features])."
             )
+        names = _feature_names(features_sharding, list(features))
         rngs = as_rngs(rngs, "MLP(rngs=...)")
+        pairs = itertools.pairwise(names) if names is not None else itertools.repeat(None)
         self.layers: list[Linear] = [
-            Linear(a, b, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-            for a, b in itertools.pairwise(features)
+            Linear(
+                a,
+                b,
+                use_bias=use_bias,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_sharding=pair,
+                bias_sharding=None if pair is None else pair[1:],
+                rngs=rngs,
+            )
+            for (a, b), pair in zip(itertools.pairwise(features), pairs, strict=False)
         ]
         self.activation = activation
         self.final_activation = final_activation
@@ -115,6 +144,28 @@ class MLP(Module):
             x = self.activation(layer(x))
         x = last(x)
         return x if self.final_activation is None else self.final_activation(x)
+
+
+def _feature_names(names: Any, features: list[int]) -> tuple[str | None, ...] | None:
+    """``features_sharding`` as a tuple of one name per size (MLP_FEATURES_SHARDING if not)."""
+    if names is None:
+        return None
+    n = len(features)
+    if isinstance(names, list | tuple) and not isinstance(names, str):
+        entries = tuple(names)
+        if len(entries) == n and all(e is None or isinstance(e, str) for e in entries):
+            return entries
+        # A wrong count is a ValueError, a wrong kind a TypeError, as for a layer's names.
+        error: type[Exception] = ValueError if len(entries) != n else TypeError
+        got = f"{len(entries)} entries" if len(entries) != n else "entries that are not str or None"
+        start = tuple(e if e is None or isinstance(e, str) else None for e in entries)
+    else:
+        error, got = TypeError, f"a {type(names).__name__}"
+        start = (names,) if isinstance(names, str) else ()
+    example = (start[:n] + (None,) * n)[:n]
+    raise error(
+        MLP_FEATURES_SHARDING.format(names=names, features=features, n=n, got=got, example=example)
+    )
 
 
 class Stack(Module):

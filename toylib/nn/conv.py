@@ -25,7 +25,7 @@ from jaxtyping import Array, ArrayLike, Float
 
 from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
-from toylib._core.variables import Param
+from toylib.nn._sharding import Names, named_variable
 from toylib.nn.checks import check_features
 from toylib.nn.dtypes import promote_dtype
 from toylib.nn.linear import default_kernel_init
@@ -225,6 +225,11 @@ class Conv(Module):
         kernel_init: initialiser of the kernel (default LeCun normal; fan-in is
             ``prod(kernel_size) * in_features // feature_group_count``).
         bias_init: initialiser of the bias (default zeros).
+        kernel_sharding: logical axis names of the kernel, one per dimension
+            (a str, or None: not sharded), e.g. ``(None, None, "in", "out")``
+            for a 2-d kernel ``(h, w, in, out)``; stored as its ``sharding``
+            metadata for ``tl.sharding``. Default None: no names (replicated).
+        bias_sharding: the ``(out_features,)`` bias's names (default None).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
 
     Returns:
@@ -245,6 +250,9 @@ class Conv(Module):
         >>> conv.strides, conv.padding = (2, 2), "VALID"
         >>> conv(jnp.ones((10, 10, 16))).shape
         (4, 4, 32)
+        >>> named = nn.Conv(16, 32, (3, 3), kernel_sharding=(None, None, None, "mlp"), rngs=0)
+        >>> named.kernel.sharding
+        (None, None, None, 'mlp')
     """
 
     def __init__(
@@ -265,6 +273,8 @@ class Conv(Module):
         precision: Any = None,
         kernel_init: Any = default_kernel_init,
         bias_init: Any = jax.nn.initializers.zeros,
+        kernel_sharding: Names = None,
+        bias_sharding: Names = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         where = "Conv(...)"
@@ -282,9 +292,14 @@ class Conv(Module):
         rngs = as_rngs(rngs, "Conv(rngs=...)")
         shape = (*kernel_size, in_features // groups, out_features)
         self.mask = check_mask("Conv", mask, shape, f" // {groups}" if groups > 1 else "")
-        self.kernel = Param(kernel_init(rngs.params(), shape, param_dtype))
+        kernel = kernel_init(rngs.params(), shape, param_dtype)
+        self.kernel = named_variable(self, "kernel", kernel, kernel_sharding)
         self.bias = (
-            Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
+            named_variable(
+                self, "bias", bias_init(rngs.params(), (out_features,), param_dtype), bias_sharding
+            )
+            if use_bias
+            else None
         )
         self.in_features = in_features
         self.out_features = out_features
@@ -384,6 +399,11 @@ class ConvTranspose(Module):
         precision: ``jax.lax`` precision of the convolution (default None).
         kernel_init: initialiser of the kernel (default LeCun normal).
         bias_init: initialiser of the bias (default zeros).
+        kernel_sharding: logical axis names of the kernel, one per dimension
+            (a str, or None: not sharded), e.g. ``(None, None, "in", "out")``
+            for a 2-d kernel ``(h, w, in, out)``; stored as its ``sharding``
+            metadata for ``tl.sharding``. Default None: no names (replicated).
+        bias_sharding: the ``(out_features,)`` bias's names (default None).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
 
     Returns:
@@ -419,6 +439,8 @@ class ConvTranspose(Module):
         precision: Any = None,
         kernel_init: Any = default_kernel_init,
         bias_init: Any = jax.nn.initializers.zeros,
+        kernel_sharding: Names = None,
+        bias_sharding: Names = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         where = "ConvTranspose(...)"
@@ -430,9 +452,14 @@ class ConvTranspose(Module):
         rngs = as_rngs(rngs, "ConvTranspose(rngs=...)")
         shape = (*kernel_size, in_features, out_features)
         self.mask = check_mask("ConvTranspose", mask, shape)
-        self.kernel = Param(kernel_init(rngs.params(), shape, param_dtype))
+        kernel = kernel_init(rngs.params(), shape, param_dtype)
+        self.kernel = named_variable(self, "kernel", kernel, kernel_sharding)
         self.bias = (
-            Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
+            named_variable(
+                self, "bias", bias_init(rngs.params(), (out_features,), param_dtype), bias_sharding
+            )
+            if use_bias
+            else None
         )
         self.in_features = in_features
         self.out_features = out_features

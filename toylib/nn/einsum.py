@@ -23,7 +23,7 @@ from jaxtyping import Array, ArrayLike, Float
 from toylib._core.calls import module_path
 from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
-from toylib._core.variables import Param
+from toylib.nn._sharding import Names, named_variable
 from toylib.nn.dtypes import as_array, promote_dtype
 from toylib.nn.linear import default_kernel_init
 
@@ -129,6 +129,12 @@ class Einsum(Module):
             and fan-out are read from ``kernel_shape``'s last two axes, as
             ``jax.nn.initializers`` do).
         bias_init: initialiser of the bias (default zeros).
+        kernel_sharding: logical axis names of the kernel, one per kernel
+            letter (a str, or None: not sharded), e.g. ``("embed", "heads",
+            "kv")`` for ``"...d,dhk->...hk"``; stored as its ``sharding``
+            metadata for ``tl.sharding``. Default None: no names (replicated).
+        bias_sharding: the bias's names, one per ``bias_shape`` entry
+            (default None).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
 
     Returns:
@@ -141,6 +147,11 @@ class Einsum(Module):
         >>> layer = nn.Einsum("...d,dhk->...hk", (6, 2, 3), (2, 3), rngs=0)
         >>> layer(jnp.ones((4, 5, 6))).shape, layer.bias.shape
         ((4, 5, 2, 3), (2, 3))
+        >>> named = nn.Einsum("...d,dhk->...hk", (6, 2, 3), (2, 3), rngs=0,
+        ...                   kernel_sharding=("embed", "heads", "kv"),
+        ...                   bias_sharding=("heads", "kv"))
+        >>> named.kernel.sharding, named.bias.sharding
+        (('embed', 'heads', 'kv'), ('heads', 'kv'))
     """
 
     def __init__(
@@ -154,6 +165,8 @@ class Einsum(Module):
         precision: PrecisionLike = None,
         kernel_init: Any = default_kernel_init,
         bias_init: Any = jax.nn.initializers.zeros,
+        kernel_sharding: Names = None,
+        bias_sharding: Names = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         kernel_shape = _as_tuple(kernel_shape)
@@ -162,9 +175,14 @@ class Einsum(Module):
             einsum_str = einsum_str.replace(" ", "")
             self._check_equation(einsum_str, kernel_shape, bias_shape, "Einsum(...)")
         rngs = as_rngs(rngs, "Einsum(rngs=...)")
-        self.kernel = Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
+        kernel = kernel_init(rngs.params(), kernel_shape, param_dtype)
+        self.kernel = named_variable(self, "kernel", kernel, kernel_sharding)
         self.bias = (
-            None if bias_shape is None else Param(bias_init(rngs.params(), bias_shape, param_dtype))
+            None
+            if bias_shape is None
+            else named_variable(
+                self, "bias", bias_init(rngs.params(), bias_shape, param_dtype), bias_sharding
+            )
         )
         self.einsum_str = einsum_str
         self.kernel_shape = kernel_shape
@@ -304,6 +322,12 @@ class LinearGeneral(Module):
         precision: ``jax.lax`` precision of the contraction (default None).
         kernel_init: initialiser of the kernel (default LeCun normal).
         bias_init: initialiser of the bias (default zeros).
+        kernel_sharding: logical axis names of the ``(*batch_sizes,
+            *in_features, *out_features)`` kernel, one per dimension (a str,
+            or None: not sharded); stored as its ``sharding`` metadata for
+            ``tl.sharding``. Default None: no names (replicated).
+        bias_sharding: the ``(*batch_sizes, *out_features)`` bias's names
+            (default None).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
 
     Returns:
@@ -330,6 +354,8 @@ class LinearGeneral(Module):
         precision: PrecisionLike = None,
         kernel_init: Any = default_kernel_init,
         bias_init: Any = jax.nn.initializers.zeros,
+        kernel_sharding: Names = None,
+        bias_sharding: Names = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         in_features, out_features, axis = (
@@ -351,13 +377,17 @@ class LinearGeneral(Module):
         rngs = as_rngs(rngs, f"{type(self).__name__}(rngs=...)")
         dense = (math.prod(batch_sizes) * math.prod(in_features), math.prod(out_features))
         kernel = kernel_init(rngs.params(), dense, param_dtype)
-        self.kernel = Param(jnp.reshape(kernel, (*batch_sizes, *in_features, *out_features)))
+        kernel = jnp.reshape(kernel, (*batch_sizes, *in_features, *out_features))
+        self.kernel = named_variable(self, "kernel", kernel, kernel_sharding)
         bias_shape = (*batch_sizes, *out_features)
         self.bias = (
-            Param(
+            named_variable(
+                self,
+                "bias",
                 jnp.reshape(
                     bias_init(rngs.params(), (math.prod(bias_shape),), param_dtype), bias_shape
-                )
+                ),
+                bias_sharding,
             )
             if use_bias
             else None
@@ -430,6 +460,13 @@ class ProjectHeads(LinearGeneral):
         num_heads, head_dim: the output's two last axes.
         use_bias, dtype, param_dtype, precision, kernel_init, bias_init, rngs:
             as in ``nn.LinearGeneral``.
+        kernel_sharding: the ``(heads, head_dim, out)`` kernel's logical axis
+            names, e.g. ``("heads", "kv", "embed")`` (default None: no names).
+        bias_sharding: the ``(out,)`` bias's, e.g. ``("embed",)`` (default None).
+        kernel_sharding: the ``(in, heads, head_dim)`` kernel's logical axis
+            names, e.g. ``("embed", "heads", "kv")`` (default None: no names).
+        bias_sharding: the ``(heads, head_dim)`` bias's, e.g. ``("heads",
+            "kv")`` (default None).
 
     Example:
         >>> import jax.numpy as jnp
@@ -450,6 +487,8 @@ class ProjectHeads(LinearGeneral):
         precision: PrecisionLike = None,
         kernel_init: Any = default_kernel_init,
         bias_init: Any = jax.nn.initializers.zeros,
+        kernel_sharding: Names = None,
+        bias_sharding: Names = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         super().__init__(
@@ -461,6 +500,8 @@ class ProjectHeads(LinearGeneral):
             precision=precision,
             kernel_init=kernel_init,
             bias_init=bias_init,
+            kernel_sharding=kernel_sharding,
+            bias_sharding=bias_sharding,
             rngs=rngs,
         )
         self.num_heads = num_heads
@@ -499,6 +540,8 @@ class MergeHeads(LinearGeneral):
         precision: PrecisionLike = None,
         kernel_init: Any = default_kernel_init,
         bias_init: Any = jax.nn.initializers.zeros,
+        kernel_sharding: Names = None,
+        bias_sharding: Names = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         super().__init__(
@@ -511,6 +554,8 @@ class MergeHeads(LinearGeneral):
             precision=precision,
             kernel_init=kernel_init,
             bias_init=bias_init,
+            kernel_sharding=kernel_sharding,
+            bias_sharding=bias_sharding,
             rngs=rngs,
         )
         self.num_heads = num_heads

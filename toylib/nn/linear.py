@@ -11,7 +11,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from toylib._core.calls import module_path
 from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
-from toylib._core.variables import Param
+from toylib.nn._sharding import Names, named_variable
 from toylib.nn.checks import check_features
 from toylib.nn.dtypes import as_array, promote_dtype
 
@@ -35,6 +35,12 @@ class Linear(Module):
             backend's default; ``"highest"`` for full float32 on TPU/GPU).
         kernel_init: initialiser of the ``(in, out)`` kernel (default LeCun normal).
         bias_init: initialiser of the bias (default zeros).
+        kernel_sharding: logical axis names of the ``(in, out)`` kernel, one
+            per dimension (a str, or None: not sharded), e.g. ``("embed",
+            "mlp")``; stored as its ``sharding`` metadata for
+            ``tl.sharding``. Default None: no names (replicated).
+        bias_sharding: the ``(out,)`` bias's names, e.g. ``("mlp",)``
+            (default None).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
 
     Returns:
@@ -47,6 +53,9 @@ class Linear(Module):
         >>> layer = nn.Linear(3, 4, rngs=0)
         >>> layer(jnp.ones((2, 3))).shape
         (2, 4)
+        >>> up = nn.Linear(3, 4, kernel_sharding=("embed", "mlp"), bias_sharding=("mlp",), rngs=0)
+        >>> up.kernel.sharding, up.bias.sharding
+        (('embed', 'mlp'), ('mlp',))
     """
 
     def __init__(
@@ -60,12 +69,19 @@ class Linear(Module):
         precision: Any = None,
         kernel_init: Any = default_kernel_init,
         bias_init: Any = jax.nn.initializers.zeros,
+        kernel_sharding: Names = None,
+        bias_sharding: Names = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         rngs = as_rngs(rngs, "Linear(rngs=...)")
-        self.kernel = Param(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
+        kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+        self.kernel = named_variable(self, "kernel", kernel, kernel_sharding)
         self.bias = (
-            Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
+            named_variable(
+                self, "bias", bias_init(rngs.params(), (out_features,), param_dtype), bias_sharding
+            )
+            if use_bias
+            else None
         )
         self.in_features = in_features
         self.out_features = out_features
@@ -144,6 +160,11 @@ class Embed(Module):
         precision: ``jax.lax`` precision of ``attend``'s matmul (default None).
         embedding_init: initialiser of the ``(num_embeddings, features)``
             table (default normal with variance ``1 / features``, Flax's).
+        embedding_sharding: logical axis names of the ``(num_embeddings,
+            features)`` table, one per dimension (a str, or None: not
+            sharded), e.g. ``("vocab", "embed")``; stored as its
+            ``sharding`` metadata for ``tl.sharding``. Default None: no
+            names (replicated).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
 
     Returns:
@@ -156,6 +177,8 @@ class Embed(Module):
         >>> embed = nn.Embed(10, 4, rngs=0)
         >>> embed(jnp.array([[1, 2, 3]])).shape, embed.attend(jnp.ones((2, 4))).shape
         ((1, 3, 4), (2, 10))
+        >>> nn.Embed(10, 4, embedding_sharding=("vocab", "embed"), rngs=0).embedding.sharding
+        ('vocab', 'embed')
     """
 
     def __init__(
@@ -167,11 +190,13 @@ class Embed(Module):
         param_dtype: Any = jnp.float32,
         precision: Any = None,
         embedding_init: Any = default_embed_init,
+        embedding_sharding: Names = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         rngs = as_rngs(rngs, "Embed(rngs=...)")
         shape = (num_embeddings, features)
-        self.embedding = Param(embedding_init(rngs.params(), shape, param_dtype))
+        table = embedding_init(rngs.params(), shape, param_dtype)
+        self.embedding = named_variable(self, "embedding", table, embedding_sharding)
         self.num_embeddings = num_embeddings
         self.features = features
         self.dtype = dtype

@@ -24,6 +24,7 @@ from toylib._core.calls import module_path
 from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
 from toylib._core.variables import Param, Variable
+from toylib.nn._sharding import Names, named_variable
 from toylib.nn.checks import check_features
 from toylib.nn.dtypes import as_array, promote_dtype
 from toylib.nn.linear import Linear, default_kernel_init
@@ -86,6 +87,12 @@ class LoRA(Module):
         a_initializer: initialiser of ``lora_a`` ``(in, rank)`` (default He uniform).
         b_initializer: initialiser of ``lora_b`` ``(rank, out)`` (default zeros).
         lora_param_type: the Variable type of the adapters (default ``LoRAParam``).
+        lora_a_sharding, lora_b_sharding: logical axis names of ``lora_a``
+            ``(in, rank)`` and ``lora_b`` ``(rank, out)``, one per dimension
+            (a str, or None: not sharded), e.g. ``("embed", None)`` and
+            ``(None, "mlp")``: the rank is small, so it is usually left
+            whole. Stored as their ``sharding`` metadata for ``tl.sharding``.
+            Default None: no names (replicated).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
 
     Returns:
@@ -117,17 +124,17 @@ class LoRA(Module):
         a_initializer: Any = default_a_init,
         b_initializer: Any = default_b_init,
         lora_param_type: type[Variable] = LoRAParam,
+        lora_a_sharding: Names = None,
+        lora_b_sharding: Names = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
             raise ValueError(BAD_RANK.format(rank=lora_rank))
         rngs = as_rngs(rngs, "LoRA(rngs=...)")
-        self.lora_a = lora_param_type(
-            a_initializer(rngs.params(), (in_features, lora_rank), param_dtype)
-        )
-        self.lora_b = lora_param_type(
-            b_initializer(rngs.params(), (lora_rank, out_features), param_dtype)
-        )
+        a = a_initializer(rngs.params(), (in_features, lora_rank), param_dtype)
+        self.lora_a = named_variable(self, "lora_a", a, lora_a_sharding, kind=lora_param_type)
+        b = b_initializer(rngs.params(), (lora_rank, out_features), param_dtype)
+        self.lora_b = named_variable(self, "lora_b", b, lora_b_sharding, kind=lora_param_type)
         self.base_module = base_module
         self.in_features = in_features
         self.lora_rank = lora_rank
@@ -171,6 +178,10 @@ class LoRALinear(Linear):
         precision: ``jax.lax`` precision of the base and adapter matmuls (default None).
         lora_dtype, lora_param_dtype: the adapter's compute and storage dtypes.
         a_initializer, b_initializer, lora_param_type: as in ``nn.LoRA``.
+        kernel_sharding, bias_sharding: the base weights' logical axis names,
+            as in ``nn.Linear`` (default None: no names).
+        lora_a_sharding, lora_b_sharding: the adapter's, as in ``nn.LoRA``
+            (default None).
         rngs: ``tl.Rngs``, an int seed or a key; the base weights are drawn
             first, then the adapter's.
 
@@ -185,6 +196,10 @@ class LoRALinear(Linear):
         ((5, 4), (3, 2))
         >>> [p for p, _ in tl.iter_variables(layer, nn.LoRAParam)]
         [('lora', 'lora_a'), ('lora', 'lora_b')]
+        >>> named = nn.LoRALinear(3, 4, lora_rank=2, kernel_sharding=("embed", "mlp"),
+        ...                       lora_a_sharding=("embed", None), rngs=0)
+        >>> named.kernel.sharding, named.lora.lora_a.sharding
+        (('embed', 'mlp'), ('embed', None))
     """
 
     def __init__(
@@ -205,6 +220,10 @@ class LoRALinear(Linear):
         a_initializer: Any = default_a_init,
         b_initializer: Any = default_b_init,
         lora_param_type: type[Variable] = LoRAParam,
+        kernel_sharding: Names = None,
+        bias_sharding: Names = None,
+        lora_a_sharding: Names = None,
+        lora_b_sharding: Names = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         rngs = as_rngs(rngs, "LoRALinear(rngs=...)")
@@ -217,6 +236,8 @@ class LoRALinear(Linear):
             precision=precision,
             kernel_init=kernel_init,
             bias_init=bias_init,
+            kernel_sharding=kernel_sharding,
+            bias_sharding=bias_sharding,
             rngs=rngs,
         )
         self.lora = LoRA(
@@ -230,6 +251,8 @@ class LoRALinear(Linear):
             a_initializer=a_initializer,
             b_initializer=b_initializer,
             lora_param_type=lora_param_type,
+            lora_a_sharding=lora_a_sharding,
+            lora_b_sharding=lora_b_sharding,
             rngs=rngs,
         )
 

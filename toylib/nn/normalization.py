@@ -9,6 +9,7 @@ the mean is large against the spread), clipped at zero.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ from toylib._core.calls import module_path
 from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
 from toylib._core.variables import BatchStat, Param
+from toylib.nn._sharding import Names, check_names, named_variable
 from toylib.nn.checks import check_features
 from toylib.nn.dtypes import promote_dtype
 
@@ -50,6 +52,14 @@ class BatchNorm(Module):
         use_fast_variance: one-pass ``E[x^2] - E[x]^2`` variance (default
             False: two passes, see the module docstring; Flax's default is True).
         scale_init, bias_init: initialisers (default ones and zeros).
+        scale_sharding, bias_sharding: logical axis names of the
+            ``(num_features,)`` ``scale`` / ``bias``, e.g. ``("embed",)``;
+            stored as their ``sharding`` metadata for ``tl.sharding``.
+            Default None: no names (replicated).
+        stats_sharding: the names of the running ``mean`` and ``var``
+            (``BatchStat``, ``(num_features,)``). Default None: those of
+            ``scale_sharding``, else of ``bias_sharding``, so the statistics
+            sit with the features they describe; no names if neither is given.
         rngs: ``tl.Rngs``, an int seed or a key, only needed by a random
             initialiser (without it the initialisers get a fixed key).
 
@@ -60,6 +70,9 @@ class BatchNorm(Module):
         >>> y = bn(jnp.arange(12.0).reshape(4, 3))
         >>> [round(v, 3) for v in y.mean(0).tolist()], bn.mean.value.shape
         ([0.0, 0.0, 0.0], (3,))
+        >>> named = nn.BatchNorm(3, scale_sharding=("embed",), bias_sharding=("embed",))
+        >>> named.scale.sharding, named.mean.sharding, named.var.sharding   # stats follow
+        (('embed',), ('embed',), ('embed',))
     """
 
     def __init__(
@@ -78,14 +91,36 @@ class BatchNorm(Module):
         use_fast_variance: bool = False,
         scale_init: Any = jax.nn.initializers.ones,
         bias_init: Any = jax.nn.initializers.zeros,
+        scale_sharding: Names = None,
+        bias_sharding: Names = None,
+        stats_sharding: Names = None,
         rngs: Rngs | int | jax.Array | None = None,
     ) -> None:
         key = _init_keys(rngs, "BatchNorm(rngs=...)")
         shape = (num_features,)
-        self.mean = BatchStat(jnp.zeros(shape, jnp.float32))
-        self.var = BatchStat(jnp.ones(shape, jnp.float32))
-        self.scale = Param(scale_init(key(), shape, param_dtype)) if use_scale else None
-        self.bias = Param(bias_init(key(), shape, param_dtype)) if use_bias else None
+        # The running statistics are per feature, like scale and bias: they
+        # follow the features' names unless given their own.
+        if stats_sharding is None:
+            stats_sharding = scale_sharding if scale_sharding is not None else bias_sharding
+        self.mean = named_variable(
+            self,
+            "mean",
+            jnp.zeros(shape, jnp.float32),
+            stats_sharding,
+            kind=BatchStat,
+            argument="stats_sharding",
+        )
+        self.var = named_variable(
+            self,
+            "var",
+            jnp.ones(shape, jnp.float32),
+            stats_sharding,
+            kind=BatchStat,
+            argument="stats_sharding",
+        )
+        param = functools.partial(_param, self, key, shape, param_dtype)
+        self.scale = param("scale", use_scale, scale_init, scale_sharding)
+        self.bias = param("bias", use_bias, bias_init, bias_sharding)
         self.num_features = num_features
         self.use_running_average = use_running_average
         self.axis = axis
@@ -229,6 +264,23 @@ def _init_keys(rngs: Rngs | int | jax.Array | None, where: str) -> Callable[[], 
     return as_rngs(rngs, where).params
 
 
+def _param(
+    layer: Module,
+    key: Callable[[], jax.Array],
+    shape: tuple[int, ...],
+    dtype: Any,
+    name: str,
+    use: bool,
+    init: Any,
+    names: Names,
+) -> Param | None:
+    """The ``scale`` or ``bias`` Param (with ``names`` as its sharding), or None if not ``use``d."""
+    if not use:
+        check_names(names, shape, layer=layer, variable=name)  # a wrong name is still an error
+        return None
+    return named_variable(layer, name, init(key(), shape, dtype), names)
+
+
 def _stats_input(x: Array) -> Array:
     # Mean and variance in at least float32: in bfloat16 (8 bits of mantissa)
     # they lose too much; float64 and wider inputs are kept as they are.
@@ -338,6 +390,10 @@ class LayerNorm(Module):
         dtype: compute dtype (default: promote input and parameters).
         param_dtype: dtype the parameters are stored in (default float32).
         scale_init, bias_init: initialisers (default ones and zeros).
+        scale_sharding, bias_sharding: logical axis names of the
+            ``(num_features,)`` ``scale`` / ``bias``, e.g. ``("embed",)``;
+            stored as their ``sharding`` metadata for ``tl.sharding``.
+            Default None: no names (replicated).
         rngs: ``tl.Rngs``, an int seed or a key, only needed by a random
             initialiser (without it the initialisers get a fixed key).
 
@@ -351,6 +407,8 @@ class LayerNorm(Module):
         >>> y = nn.LayerNorm(4)(jnp.array([[1.0, 2.0, 3.0, 6.0]]))
         >>> round(float(y.mean()), 4), round(float(y.var()), 4)
         (0.0, 1.0)
+        >>> nn.LayerNorm(4, scale_sharding=("embed",)).scale.sharding
+        ('embed',)
     """
 
     def __init__(
@@ -367,12 +425,15 @@ class LayerNorm(Module):
         param_dtype: Any = jnp.float32,
         scale_init: Any = jax.nn.initializers.ones,
         bias_init: Any = jax.nn.initializers.zeros,
+        scale_sharding: Names = None,
+        bias_sharding: Names = None,
         rngs: Rngs | int | jax.Array | None = None,
     ) -> None:
         key = _init_keys(rngs, "LayerNorm(rngs=...)")
         shape = (num_features,)
-        self.scale = Param(scale_init(key(), shape, param_dtype)) if use_scale else None
-        self.bias = Param(bias_init(key(), shape, param_dtype)) if use_bias else None
+        param = functools.partial(_param, self, key, shape, param_dtype)
+        self.scale = param("scale", use_scale, scale_init, scale_sharding)
+        self.bias = param("bias", use_bias, bias_init, bias_sharding)
         self.num_features = num_features
         self.epsilon = epsilon
         self.reduction_axes = _as_axes(reduction_axes)
@@ -408,6 +469,9 @@ class RMSNorm(Module):
         dtype: compute dtype (default: promote input and parameters).
         param_dtype: dtype the parameters are stored in (default float32).
         scale_init: initialiser of ``scale`` (default ones).
+        scale_sharding: logical axis names of the ``(num_features,)``
+            ``scale``, e.g. ``("embed",)``; stored as its ``sharding``
+            metadata for ``tl.sharding``. Default None: no names (replicated).
         rngs: ``tl.Rngs``, an int seed or a key, only needed by a random
             initialiser (without it the initialiser gets a fixed key).
 
@@ -435,11 +499,13 @@ class RMSNorm(Module):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         scale_init: Any = jax.nn.initializers.ones,
+        scale_sharding: Names = None,
         rngs: Rngs | int | jax.Array | None = None,
     ) -> None:
         key = _init_keys(rngs, "RMSNorm(rngs=...)")
         shape = (num_features,)
-        self.scale = Param(scale_init(key(), shape, param_dtype)) if use_scale else None
+        param = functools.partial(_param, self, key, shape, param_dtype)
+        self.scale = param("scale", use_scale, scale_init, scale_sharding)
         self.num_features = num_features
         self.epsilon = epsilon
         self.reduction_axes = _as_axes(reduction_axes)
@@ -497,6 +563,10 @@ class GroupNorm(Module):
         dtype: compute dtype (default: promote input and parameters).
         param_dtype: dtype the parameters are stored in (default float32).
         scale_init, bias_init: initialisers (default ones and zeros).
+        scale_sharding, bias_sharding: logical axis names of the
+            ``(num_features,)`` ``scale`` / ``bias``, e.g. ``("embed",)``;
+            stored as their ``sharding`` metadata for ``tl.sharding``.
+            Default None: no names (replicated).
         rngs: ``tl.Rngs``, an int seed or a key, only needed by a random
             initialiser (without it the initialisers get a fixed key).
 
@@ -528,6 +598,8 @@ class GroupNorm(Module):
         param_dtype: Any = jnp.float32,
         scale_init: Any = jax.nn.initializers.ones,
         bias_init: Any = jax.nn.initializers.zeros,
+        scale_sharding: Names = None,
+        bias_sharding: Names = None,
         rngs: Rngs | int | jax.Array | None = None,
     ) -> None:
         divisors = _divisors(num_features)
@@ -553,8 +625,9 @@ class GroupNorm(Module):
             raise ValueError(f"GroupNorm(num_spatial={num_spatial}): must be >= 0 or None.")
         key = _init_keys(rngs, "GroupNorm(rngs=...)")
         shape = (num_features,)
-        self.scale = Param(scale_init(key(), shape, param_dtype)) if use_scale else None
-        self.bias = Param(bias_init(key(), shape, param_dtype)) if use_bias else None
+        param = functools.partial(_param, self, key, shape, param_dtype)
+        self.scale = param("scale", use_scale, scale_init, scale_sharding)
+        self.bias = param("bias", use_bias, bias_init, bias_sharding)
         self.num_features = num_features
         self.num_groups = num_groups
         self.group_size = num_features // num_groups
@@ -652,6 +725,10 @@ class InstanceNorm(Module):
         dtype: compute dtype (default: promote input and parameters).
         param_dtype: dtype the parameters are stored in (default float32).
         scale_init, bias_init: initialisers (default ones and zeros).
+        scale_sharding, bias_sharding: logical axis names of the
+            ``(num_features,)`` ``scale`` / ``bias``, e.g. ``("embed",)``;
+            stored as their ``sharding`` metadata for ``tl.sharding``.
+            Default None: no names (replicated).
         rngs: ``tl.Rngs``, an int seed or a key, only needed by a random
             initialiser (without it the initialisers get a fixed key).
 
@@ -681,6 +758,8 @@ class InstanceNorm(Module):
         param_dtype: Any = jnp.float32,
         scale_init: Any = jax.nn.initializers.ones,
         bias_init: Any = jax.nn.initializers.zeros,
+        scale_sharding: Names = None,
+        bias_sharding: Names = None,
         rngs: Rngs | int | jax.Array | None = None,
     ) -> None:
         feature_axes = _as_axes(feature_axes)
@@ -693,8 +772,9 @@ class InstanceNorm(Module):
                 )
         key = _init_keys(rngs, "InstanceNorm(rngs=...)")
         shape = (num_features,)
-        self.scale = Param(scale_init(key(), shape, param_dtype)) if use_scale else None
-        self.bias = Param(bias_init(key(), shape, param_dtype)) if use_bias else None
+        param = functools.partial(_param, self, key, shape, param_dtype)
+        self.scale = param("scale", use_scale, scale_init, scale_sharding)
+        self.bias = param("bias", use_bias, bias_init, bias_sharding)
         self.num_features = num_features
         self.epsilon = epsilon
         self.feature_axes = feature_axes

@@ -25,7 +25,7 @@ from jaxtyping import Array, ArrayLike, Float, Int
 from toylib._core.calls import labelled, module_path
 from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
-from toylib._core.variables import Param
+from toylib.nn._sharding import Names, named_variable
 from toylib.nn.checks import check_features
 from toylib.nn.dtypes import promote_dtype
 from toylib.nn.linear import default_kernel_init
@@ -181,6 +181,12 @@ class LSTMCell(_Cell):
         dtype: compute dtype (default: promote input, carry and parameters).
         precision: ``jax.lax`` precision of the matmuls (default None).
         param_dtype: dtype the parameters are stored in (default float32).
+        kernel_sharding, recurrent_kernel_sharding, bias_sharding: logical
+            axis names of ``kernel`` ``(in, 4H)``, ``recurrent_kernel`` ``(H,
+            4H)`` and ``bias`` ``(4H,)``, one per dimension (a str, or None:
+            not sharded), e.g. ``("embed", "mlp")``, ``(None, "mlp")``,
+            ``("mlp",)``; stored as their ``sharding`` metadata for
+            ``tl.sharding``. Default None: no names (replicated).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
 
     Returns:
@@ -195,6 +201,8 @@ class LSTMCell(_Cell):
         >>> (c, h), y = cell(cell.initialize_carry(x.shape), x)
         >>> c.shape, h.shape, cell.kernel.shape, cell.recurrent_kernel.shape
         ((2, 4), (2, 4), (3, 16), (4, 16))
+        >>> nn.LSTMCell(3, 4, kernel_sharding=("embed", "mlp"), rngs=0).kernel.sharding
+        ('embed', 'mlp')
     """
 
     def __init__(
@@ -210,15 +218,21 @@ class LSTMCell(_Cell):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         precision: Any = None,
+        kernel_sharding: Names = None,
+        recurrent_kernel_sharding: Names = None,
+        bias_sharding: Names = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         rngs = as_rngs(rngs, "LSTMCell(rngs=...)")
         n, h = in_features, hidden_features
-        self.kernel = Param(_init_gates(kernel_init, rngs, (n, h), 4, param_dtype))
-        self.recurrent_kernel = Param(
-            _init_gates(recurrent_kernel_init, rngs, (h, h), 4, param_dtype)
+        kernel = _init_gates(kernel_init, rngs, (n, h), 4, param_dtype)
+        self.kernel = named_variable(self, "kernel", kernel, kernel_sharding)
+        recurrent = _init_gates(recurrent_kernel_init, rngs, (h, h), 4, param_dtype)
+        self.recurrent_kernel = named_variable(
+            self, "recurrent_kernel", recurrent, recurrent_kernel_sharding
         )
-        self.bias = Param(_init_gates(bias_init, rngs, (h,), 4, param_dtype))
+        bias = _init_gates(bias_init, rngs, (h,), 4, param_dtype)
+        self.bias = named_variable(self, "bias", bias, bias_sharding)
         self.in_features = in_features
         self.hidden_features = hidden_features
         self.gate_fn = gate_fn
@@ -315,6 +329,13 @@ class GRUCell(_Cell):
         dtype: compute dtype (default: promote input, carry and parameters).
         precision: ``jax.lax`` precision of the matmuls (default None).
         param_dtype: dtype the parameters are stored in (default float32).
+        kernel_sharding, recurrent_kernel_sharding, bias_sharding: logical
+            axis names of ``kernel`` ``(in, 3H)``, ``recurrent_kernel`` ``(H,
+            3H)`` and ``bias`` ``(3H,)``, one per dimension (a str, or None:
+            not sharded); stored as their ``sharding`` metadata for
+            ``tl.sharding``. Default None: no names (replicated).
+        recurrent_bias_sharding: the ``(H,)`` ``recurrent_bias``'s names
+            (default None).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
 
     Returns:
@@ -344,16 +365,26 @@ class GRUCell(_Cell):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         precision: Any = None,
+        kernel_sharding: Names = None,
+        recurrent_kernel_sharding: Names = None,
+        bias_sharding: Names = None,
+        recurrent_bias_sharding: Names = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         rngs = as_rngs(rngs, "GRUCell(rngs=...)")
         n, h = in_features, hidden_features
-        self.kernel = Param(_init_gates(kernel_init, rngs, (n, h), 3, param_dtype))
-        self.recurrent_kernel = Param(
-            _init_gates(recurrent_kernel_init, rngs, (h, h), 3, param_dtype)
+        kernel = _init_gates(kernel_init, rngs, (n, h), 3, param_dtype)
+        self.kernel = named_variable(self, "kernel", kernel, kernel_sharding)
+        recurrent = _init_gates(recurrent_kernel_init, rngs, (h, h), 3, param_dtype)
+        self.recurrent_kernel = named_variable(
+            self, "recurrent_kernel", recurrent, recurrent_kernel_sharding
         )
-        self.bias = Param(_init_gates(bias_init, rngs, (h,), 3, param_dtype))
-        self.recurrent_bias = Param(_init_gates(bias_init, rngs, (h,), 1, param_dtype))
+        bias = _init_gates(bias_init, rngs, (h,), 3, param_dtype)
+        self.bias = named_variable(self, "bias", bias, bias_sharding)
+        recurrent_bias = _init_gates(bias_init, rngs, (h,), 1, param_dtype)
+        self.recurrent_bias = named_variable(
+            self, "recurrent_bias", recurrent_bias, recurrent_bias_sharding
+        )
         self.in_features = in_features
         self.hidden_features = hidden_features
         self.gate_fn = gate_fn
@@ -420,6 +451,11 @@ class SimpleCell(_Cell):
         dtype: compute dtype (default: promote input, carry and parameters).
         precision: ``jax.lax`` precision of the matmuls (default None).
         param_dtype: dtype the parameters are stored in (default float32).
+        kernel_sharding, recurrent_kernel_sharding, bias_sharding: logical
+            axis names of ``kernel`` ``(in, H)``, ``recurrent_kernel`` ``(H,
+            H)`` and ``bias`` ``(H,)``, one per dimension (a str, or None:
+            not sharded); stored as their ``sharding`` metadata for
+            ``tl.sharding``. Default None: no names (replicated).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
 
     Returns:
@@ -447,15 +483,21 @@ class SimpleCell(_Cell):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         precision: Any = None,
+        kernel_sharding: Names = None,
+        recurrent_kernel_sharding: Names = None,
+        bias_sharding: Names = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         rngs = as_rngs(rngs, "SimpleCell(rngs=...)")
         n, h = in_features, hidden_features
-        self.kernel = Param(_init_gates(kernel_init, rngs, (n, h), 1, param_dtype))
-        self.recurrent_kernel = Param(
-            _init_gates(recurrent_kernel_init, rngs, (h, h), 1, param_dtype)
+        kernel = _init_gates(kernel_init, rngs, (n, h), 1, param_dtype)
+        self.kernel = named_variable(self, "kernel", kernel, kernel_sharding)
+        recurrent = _init_gates(recurrent_kernel_init, rngs, (h, h), 1, param_dtype)
+        self.recurrent_kernel = named_variable(
+            self, "recurrent_kernel", recurrent, recurrent_kernel_sharding
         )
-        self.bias = Param(_init_gates(bias_init, rngs, (h,), 1, param_dtype))
+        bias = _init_gates(bias_init, rngs, (h,), 1, param_dtype)
+        self.bias = named_variable(self, "bias", bias, bias_sharding)
         self.in_features = in_features
         self.hidden_features = hidden_features
         self.residual = residual

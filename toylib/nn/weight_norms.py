@@ -30,6 +30,7 @@ from toylib._core.module import Module
 from toylib._core.paths import Path, format_path
 from toylib._core.rngs import Rngs, as_rngs
 from toylib._core.variables import BatchStat, Param, Variable
+from toylib.nn._sharding import Names, named_variable
 from toylib.nn.normalization import _init_keys
 
 __all__ = ["SpectralNorm", "WeightNorm"]
@@ -101,6 +102,11 @@ class WeightNorm(Module):
         param_dtype: dtype the scales are stored in (default float32).
         variable_filter: which of the layer's Params to normalise (default
             ``tl.PathContains("kernel")``).
+        scale_sharding: logical axis names for every ``scale`` (one per
+            feature axis). Default None: each scale takes the names its
+            weight has on the feature axes (a kernel named ``("embed",
+            "mlp")`` gives its scale ``("mlp",)``), and none if the weight
+            has none, so the scales are placed like the weights they scale.
         rngs: ``tl.Rngs``, an int seed or a key, only needed by a random
             ``scale_init``.
 
@@ -114,6 +120,9 @@ class WeightNorm(Module):
         >>> wn = nn.WeightNorm(nn.Linear(3, 2, rngs=0))
         >>> wn(jnp.ones((5, 3))).shape, wn.scales["kernel"].shape
         ((5, 2), (2,))
+        >>> named = nn.WeightNorm(nn.Linear(3, 2, kernel_sharding=("embed", "mlp"), rngs=0))
+        >>> named.scales["kernel"].sharding                # the kernel's feature axis
+        ('mlp',)
     """
 
     def __init__(
@@ -127,6 +136,7 @@ class WeightNorm(Module):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         variable_filter: Any = KERNELS,
+        scale_sharding: Names = None,
         rngs: Rngs | int | jax.Array | None = None,
     ) -> None:
         self.layer = layer
@@ -141,7 +151,13 @@ class WeightNorm(Module):
         self.scales = None
         if use_scale:
             self.scales = {
-                _key(path): Param(scale_init(key(), self._scale_shape(v.value), param_dtype))
+                _key(path): named_variable(
+                    self,
+                    f"scales[{_key(path)!r}]",
+                    scale_init(key(), self._scale_shape(v.value), param_dtype),
+                    self._scale_names(v) if scale_sharding is None else scale_sharding,
+                    argument="scale_sharding",
+                )
                 for path, v in self._targets()
             }
 
@@ -156,6 +172,13 @@ class WeightNorm(Module):
 
     def _scale_shape(self, w: Array) -> tuple[int, ...]:
         return tuple(w.shape[a] for a in self._features(w.ndim))
+
+    def _scale_names(self, weight: Variable) -> tuple | None:
+        """The weight's names on the feature axes (the scale's axes), or None."""
+        names = weight.get_metadata("sharding", None)
+        if names is None or len(names) != jnp.ndim(weight.value):
+            return None
+        return tuple(names[a] for a in self._features(len(names)))
 
     def _normalised(self, path: Path, w: Array) -> Array:
         features = self._features(w.ndim)
@@ -216,6 +239,13 @@ class SpectralNorm(Module):
         rngs: ``tl.Rngs``, an int seed or a key: ``u`` starts random
             (``params`` stream).
 
+    Sharding: ``u`` and ``sigma`` are statistics of the wrapped weights, so
+    they take their names from them rather than from arguments: for a
+    weight named ``(..., "mlp")``, ``u`` ``(1, cols)`` is ``(None, "mlp")``
+    and the scalar ``sigma`` is ``()`` (named, with no dimensions, so a
+    stacked copy names its stacked axis). A weight without names gives
+    them none.
+
     Returns:
         A Module with ``layer`` and ``u`` / ``sigma`` (dicts of ``BatchStat``s
         keyed by the weight's path in the layer, ``"kernel"``), called like
@@ -229,6 +259,10 @@ class SpectralNorm(Module):
         >>> sigma = float(jnp.linalg.norm(sn.layer.kernel.value, ord=2))
         >>> round(float(sn.sigma["kernel"].value) / sigma, 3), sn.u["kernel"].shape
         (1.0, (1, 3))
+        >>> linear = nn.Linear(4, 3, kernel_sharding=("embed", "mlp"), rngs=0)
+        >>> named = nn.SpectralNorm(linear, rngs=1)
+        >>> named.u["kernel"].sharding, named.sigma["kernel"].sharding
+        ((None, 'mlp'), ())
     """
 
     def __init__(
@@ -256,10 +290,17 @@ class SpectralNorm(Module):
         for path, v in self._targets():
             cols = self._matrix(path, v.value).shape[-1]
             key = rngs.params()
-            self.u[_key(path)] = BatchStat(
-                jax.nn.initializers.normal()(key, (1, cols), param_dtype)
+            names = v.get_metadata("sharding", None)
+            if names is not None and len(names) != jnp.ndim(v.value):
+                names = None  # names that do not describe this weight: nothing to follow
+            u = jax.nn.initializers.normal()(key, (1, cols), param_dtype)
+            self.u[_key(path)] = (
+                BatchStat(u) if names is None else BatchStat(u, sharding=(None, names[-1]))
             )
-            self.sigma[_key(path)] = BatchStat(jnp.ones((), param_dtype))
+            sigma = jnp.ones((), param_dtype)
+            self.sigma[_key(path)] = (
+                BatchStat(sigma) if names is None else BatchStat(sigma, sharding=())
+            )
 
     def _targets(self) -> list[tuple[Path, Variable]]:
         if self.n_steps < 1:

@@ -36,14 +36,13 @@ class MLP(tl.Module):
     def __init__(self) -> None:
         # Fixed numpy weights: the same model in every process, without a random compile.
         rng = np.random.default_rng(0)
-        self.l1 = nn.Linear(FEATURES, HIDDEN, rngs=0)
-        self.l2 = nn.Linear(HIDDEN, OUT, rngs=0)
+        self.l1 = nn.Linear(
+            FEATURES, HIDDEN, rngs=0, kernel_sharding=("embed", "mlp"), bias_sharding=("mlp",)
+        )
+        # l2.bias: no names, replicated
+        self.l2 = nn.Linear(HIDDEN, OUT, rngs=0, kernel_sharding=("mlp", "embed"))
         self.l1.kernel.value = jnp.asarray(rng.normal(size=(FEATURES, HIDDEN)), jnp.float32)
         self.l2.kernel.value = jnp.asarray(rng.normal(size=(HIDDEN, OUT)) * 0.2, jnp.float32)
-        # (what nn.Linear's kernel_sharding= / bias_sharding= arguments set)
-        self.l1.kernel.set_metadata(sharding=("embed", "mlp"))
-        self.l1.bias.set_metadata(sharding=("mlp",))
-        self.l2.kernel.set_metadata(sharding=("mlp", "embed"))  # l2.bias: replicated
 
     def __call__(self, x):
         return self.l2(jax.nn.relu(self.l1(x)))

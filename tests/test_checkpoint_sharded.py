@@ -3,7 +3,7 @@
 The test session has eight fake CPU devices (tests/conftest.py). A model and
 its optimizer are sharded on a ("data", "model") = (2, 4) mesh, trained one
 step and saved; they are loaded into `like`s on a (4, 2) mesh, on single
-devices, and into an abstract `like` that carries shardings. Each loaded array
+devices, and into abstract `like`s (nothing allocated). Each loaded array
 must have `like`'s sharding, hold only its own shard on each device, and equal
 what was saved. Many processes: tests/test_multiprocess.py.
 """
@@ -28,15 +28,26 @@ TX = optax.adam(1e-2)
 class MLP(tl.Module):
     def __init__(self, seed: int, width: int = 16) -> None:
         # numpy initialisers: no random-number compile per shape (conftest.np_init)
-        self.l1 = nn.Linear(8, width, kernel_init=np_init(seed), rngs=0)
-        self.l2 = nn.Linear(width, 16, kernel_init=np_init(seed + 1), rngs=0)
-        self.l3 = nn.Linear(16, 8, kernel_init=np_init(seed + 2), rngs=0)
-        # (what nn.Linear's kernel_sharding= / bias_sharding= arguments set)
-        self.l1.kernel.set_metadata(sharding=("in", "mlp"))
-        self.l1.bias.set_metadata(sharding=("mlp",))
-        self.l2.kernel.set_metadata(sharding=("mlp", "embed"))
-        self.l2.bias.set_metadata(sharding=("embed",))
-        self.l3.kernel.set_metadata(sharding=("embed", "in"))  # l3.bias: no names, replicated
+        self.l1 = nn.Linear(
+            8,
+            width,
+            kernel_init=np_init(seed),
+            rngs=0,
+            kernel_sharding=("in", "mlp"),
+            bias_sharding=("mlp",),
+        )
+        self.l2 = nn.Linear(
+            width,
+            16,
+            kernel_init=np_init(seed + 1),
+            rngs=0,
+            kernel_sharding=("mlp", "embed"),
+            bias_sharding=("embed",),
+        )
+        # l3.bias: no names, replicated
+        self.l3 = nn.Linear(
+            16, 8, kernel_init=np_init(seed + 2), rngs=0, kernel_sharding=("embed", "in")
+        )
 
     def __call__(self, x):
         return self.l3(jax.nn.relu(self.l2(jax.nn.relu(self.l1(x)))))
@@ -127,19 +138,25 @@ def test_a_sharded_checkpoint_loads_onto_one_device(saved):
     assert all(x.devices() == {device} and x.committed for x in jax.tree.leaves(loaded))
 
 
-def test_an_abstract_like_loads_into_the_placements_its_variables_record(saved):
+def test_an_abstract_like_loads_straight_into_its_placements(saved):
     path, values = saved
-    # Built abstract and placed on (4, 2): nothing allocated. tl.eval_shape's
-    # ShapeDtypeStructs carry no sharding, but each Variable records its placement.
-    model = tl.eval_shape(lambda: tl.sharding.init(lambda: MLP(1), mesh((4, 2)), RULES))
-    assert model.l1.kernel.value.sharding is None
     live = make(1, (4, 2))
-    # Workaround: tl.eval_shape(lambda m: tl.Optimizer(m, TX), model) fails on a
-    # placed model (tl.sharding.place reads a tracer's .sharding), so the abstract
-    # optimizer takes its shardings from a live one.
-    loaded = tl.load(path, (model, abstract(live[1])))
-    check_loaded(loaded, shardings(live), values)
-    assert isinstance(loaded[0], MLP) and isinstance(loaded[1], tl.Optimizer)
+    # Workaround: neither route gives an abstract optimizer placed like its
+    # Params (tl.eval_shape(lambda m: tl.Optimizer(m, TX), model) fails on a
+    # placed model: tl.sharding.place reads a tracer's .sharding; and
+    # tl.sharding.abstract of (model, optimizer) replicates the moments), so the
+    # abstract optimizer takes its shardings from a live one.
+    optimizer = abstract(live[1])
+    models = [
+        tl.sharding.abstract(lambda: MLP(1), mesh((4, 2)), RULES),  # values carry shardings
+        # tl.eval_shape's values carry none, but each Variable records its placement.
+        tl.eval_shape(lambda: tl.sharding.init(lambda: MLP(1), mesh((4, 2)), RULES)),
+    ]
+    assert models[1].l1.kernel.value.sharding is None
+    for model in models:  # nothing allocated until the load
+        loaded = tl.load(path, (model, optimizer))
+        check_loaded(loaded, shardings(live), values)
+        assert isinstance(loaded[0], MLP) and isinstance(loaded[1], tl.Optimizer)
 
 
 def test_an_abstract_like_with_shardings(saved):

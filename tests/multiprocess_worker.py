@@ -160,6 +160,8 @@ def main(path: str, saved_by_one: str) -> None:
     if jax.process_index() == 0:
         open(not_a_checkpoint, "w").close()
     report(refused=error_of(lambda: tl.save(not_a_checkpoint, fresh)))
+    mine = f"{path}_{jax.process_index()}"
+    report(paths_differ=error_of(lambda: tl.save(mine, fresh)))
 
     def broken(*_: Any) -> None:  # the primary alone writes toylib.json
         raise OSError("disk full (injected)")

@@ -55,6 +55,11 @@ def test_two_processes_train_as_one_and_their_checkpoint_loads_in_one(tmp_path):
     assert refused[0][0] == "FileExistsError" and "is not a checkpoint" in refused[0][1]
     assert refused[1][0] == "RuntimeError" and "failed to check the path" in refused[1][2]
     assert f"    FileExistsError: {refused[0][1]}" in refused[1]
+    for i, record in enumerate(seen):  # each process its own path: all refuse, nothing written
+        assert record["paths_differ"][:2] == [
+            "ValueError",
+            f"tl.save: the processes were given different paths (this one: {path}_{i}); every",
+        ]
     assert failed[0] == ["OSError", "disk full (injected)"]
     assert failed[1][0] == "RuntimeError" and "    OSError: disk full (injected)" in failed[1]
     # ...and the checkpoint they would have replaced is the trained one, nothing left beside it.

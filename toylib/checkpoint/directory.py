@@ -125,6 +125,7 @@ def save(path: str | os.PathLike, obj: Any) -> None:
     tree = _nest(
         [(p, np.asarray(x) if processes.host_local(x) else x) for p, x, _ in stored if x.size]
     )
+    processes.check_same_path(str(target))
     # Every process calls save; the primary alone checks the path and names the
     # staging directory (its host and pid, so a later save can tell if it died).
     name = processes.on_primary(

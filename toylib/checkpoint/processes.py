@@ -11,6 +11,7 @@ these are plain calls: nothing is broadcast.
 
 from __future__ import annotations
 
+import hashlib
 import textwrap
 from collections.abc import Callable
 
@@ -24,6 +25,14 @@ work for every process, failed to {step}:
 Nothing was replaced: a checkpoint already at the path is unchanged. Fix: see the
 error above (in full in the primary's own output), then save again, from every
 process together.
+"""
+
+PATHS_DIFFER = """\
+tl.save: the processes were given different paths (this one: {path}); every
+process must pass the same one, on a file system they all see: each writes its
+own shards into it.
+Fix: build the path from values every process shares, e.g. f"{{root}}/step_{{step}}",
+not from jax.process_index() or a local temporary directory.
 """
 
 _SIZE = 4096  # bytes broadcast: a staging name, or the start of the primary's error
@@ -61,6 +70,23 @@ def on_primary(step: str, fn: Callable[[], str]) -> str:
         error_text = textwrap.indent(text.strip(), "    ")
         raise RuntimeError(PRIMARY_FAILED.format(step=step, error=error_text))
     return text
+
+
+def check_same_path(path: str) -> None:
+    """PATHS_DIFFER in every process unless all of them pass this ``path``.
+
+    Each process writes its shards where it is told; with different paths the
+    primary's checkpoint would lack the others' files. A collective: every
+    process calls it.
+    """
+    if not many():
+        return
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(path.encode()).digest(), np.uint8)
+    every = np.asarray(multihost_utils.process_allgather(digest))  # (processes, 32)
+    if not (every == every[0]).all():
+        raise ValueError(PATHS_DIFFER.format(path=path))
 
 
 def _broadcast(ok: bool, text: str) -> tuple[bool, str]:

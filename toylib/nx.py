@@ -215,8 +215,13 @@ class NamedArray:
             if name in self.names:
                 why = f"the array already has a named axis {name!r}"
                 raise ValueError(NAME_TWICE.format(name=name, call=call, why=why))
-        # Layout (*positional, *named): the positional axes, now named, come first.
-        return NamedArray(self.array, names + self.names)
+        # Layout (*positional, *named): the positional axes, now named, move
+        # after the named ones, so the names read in the order they were given.
+        array = self.array
+        if self.names:
+            k = len(shape)
+            array = jnp.moveaxis(array, tuple(range(k)), tuple(range(-k, 0)))
+        return NamedArray(array, self.names + names)
 
     def untag(self, *names: str) -> NamedArray:
         """Make named axes positional, in the order given.

@@ -241,6 +241,8 @@ class NamedArray:
             >>> x.untag("features").positional_shape
             (3,)
         """
+        if not names:
+            return self
         call = _call_text("untag", names)
         shape = self.positional_shape
         for i, name in enumerate(names):

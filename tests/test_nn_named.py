@@ -143,7 +143,9 @@ def test_named_attention_maps_over_extra_named_axes():
     x = inputs((2, 3, 5, 8), "sample", "batch", "seq", "features")
     y = named(x)
     assert y.named_shape == {"sample": 2, "batch": 3, "seq": 5, "features": 8}
-    one = named(nx.wrap(x.unwrap("sample", "batch", "seq", "features")[1], "batch", "seq", "features"))
+    one = named(
+        nx.wrap(x.unwrap("sample", "batch", "seq", "features")[1], "batch", "seq", "features")
+    )
     np.testing.assert_allclose(
         y.unwrap("sample", "batch", "seq", "features")[1],
         one.unwrap("batch", "seq", "features"),

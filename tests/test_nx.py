@@ -119,7 +119,7 @@ def test_one_name_with_two_sizes_is_an_error_naming_both_arguments():
     with pytest.raises(ValueError, match=r"in args\[0\]\[1\]"):
         nx.nmap(lambda pair: pair[0] + pair[1])((x, y))
     with pytest.raises(ValueError, match="has size 2"):
-        x + y  # noqa: B018
+        x + y
 
 
 def test_vmapping_over_a_named_axis_is_caught_when_the_array_is_used():
@@ -136,7 +136,9 @@ def test_nmap_maps_every_named_axis_and_broadcasts_missing_ones():
     w = named((4, 5), "features", "out", start=1.0)
     y = nx.nmap(jnp.dot)(x.untag("features"), w.untag("features"))
     assert y.named_shape == {"batch": 2, "seq": 3, "out": 5}
-    expected = jnp.einsum("bsf,fo->bso", x.unwrap("batch", "seq", "features"), w.unwrap("features", "out"))
+    expected = jnp.einsum(
+        "bsf,fo->bso", x.unwrap("batch", "seq", "features"), w.unwrap("features", "out")
+    )
     np.testing.assert_allclose(y.unwrap("batch", "seq", "out"), expected, rtol=1e-6)
 
 
@@ -166,7 +168,9 @@ def test_nmap_reads_variables_holding_named_arrays():
     x = named((2, 3), "batch", "features")
     y = nx.nmap(jnp.multiply)(x, w)
     np.testing.assert_array_equal(y.unwrap("batch", "features"), x.array * w.value.array)
-    np.testing.assert_array_equal((w * x).unwrap("batch", "features"), y.unwrap("batch", "features"))
+    np.testing.assert_array_equal(
+        (w * x).unwrap("batch", "features"), y.unwrap("batch", "features")
+    )
 
 
 def test_arithmetic_comparisons_and_indexing_act_on_positional_axes():

@@ -295,6 +295,8 @@ class NamedArrayAdapter(ndarray_adapters.NDArrayAdapter[NamedArray]):
 
     def get_array_summary(self, array: NamedArray, fast: bool) -> Any:
         inner = self._inner(array).get_array_summary(array.array, fast)
+        if isinstance(inner, str):
+            inner = rendering_parts.text(inner)
         return rendering_parts.siblings(
             f"NamedArray {array.describe()} ", rendering_parts.comment_color(inner)
         )

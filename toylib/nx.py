@@ -116,6 +116,27 @@ def _call_text(method: str, names: Iterable[Any]) -> str:
     return f"{method}({', '.join(map(repr, names))})"
 
 
+def _binary(op: Callable[[Any, Any], Any]) -> Callable[[NamedArray, Any], NamedArray]:
+    def forward(self: NamedArray, other: Any) -> NamedArray:
+        return nmap(op)(self, other)
+
+    return forward
+
+
+def _reflected(op: Callable[[Any, Any], Any]) -> Callable[[NamedArray, Any], NamedArray]:
+    def backward(self: NamedArray, other: Any) -> NamedArray:
+        return nmap(op)(other, self)
+
+    return backward
+
+
+def _unary(op: Callable[[Any], Any]) -> Callable[[NamedArray], NamedArray]:
+    def forward(self: NamedArray) -> NamedArray:
+        return nmap(op)(self)
+
+    return forward
+
+
 class NamedArray:
     """An array with positional and named axes (Penzai's ``NamedArray``).
 
@@ -206,7 +227,9 @@ class NamedArray:
         if len(names) != len(shape):
             example = ", ".join(f'"axis{i}"' for i in range(len(shape)))
             raise ValueError(
-                TAG_COUNT.format(call=call, n=len(names), m=len(shape), shape=shape, example=example)
+                TAG_COUNT.format(
+                    call=call, n=len(names), m=len(shape), shape=shape, example=example
+                )
             )
         for i, name in enumerate(names):
             _check_name(name, call)
@@ -328,54 +351,24 @@ class NamedArray:
     def __getitem__(self, index: Any) -> NamedArray:
         return nmap(lambda a: a[index])(self)
 
+    __add__, __radd__ = _binary(operator.add), _reflected(operator.add)
+    __sub__, __rsub__ = _binary(operator.sub), _reflected(operator.sub)
+    __mul__, __rmul__ = _binary(operator.mul), _reflected(operator.mul)
+    __truediv__, __rtruediv__ = _binary(operator.truediv), _reflected(operator.truediv)
+    __floordiv__, __rfloordiv__ = _binary(operator.floordiv), _reflected(operator.floordiv)
+    __mod__, __rmod__ = _binary(operator.mod), _reflected(operator.mod)
+    __pow__, __rpow__ = _binary(operator.pow), _reflected(operator.pow)
+    __matmul__, __rmatmul__ = _binary(operator.matmul), _reflected(operator.matmul)
+    __and__, __rand__ = _binary(operator.and_), _reflected(operator.and_)
+    __or__, __ror__ = _binary(operator.or_), _reflected(operator.or_)
+    __xor__, __rxor__ = _binary(operator.xor), _reflected(operator.xor)
+    __lt__, __le__ = _binary(operator.lt), _binary(operator.le)
+    __gt__, __ge__ = _binary(operator.gt), _binary(operator.ge)
+    __neg__, __pos__ = _unary(operator.neg), _unary(operator.pos)
+    __abs__, __invert__ = _unary(operator.abs), _unary(operator.invert)
+
     __hash__ = object.__hash__  # identity, as for arrays (== is not overloaded)
 
-
-def _binary(op: Callable[[Any, Any], Any]) -> Callable[[NamedArray, Any], NamedArray]:
-    def forward(self: NamedArray, other: Any) -> NamedArray:
-        return nmap(op)(self, other)
-
-    return forward
-
-
-def _reflected(op: Callable[[Any, Any], Any]) -> Callable[[NamedArray, Any], NamedArray]:
-    def backward(self: NamedArray, other: Any) -> NamedArray:
-        return nmap(op)(other, self)
-
-    return backward
-
-
-def _unary(op: Callable[[Any], Any]) -> Callable[[NamedArray], NamedArray]:
-    def forward(self: NamedArray) -> NamedArray:
-        return nmap(op)(self)
-
-    return forward
-
-
-for _name, _op in {
-    "add": operator.add,
-    "sub": operator.sub,
-    "mul": operator.mul,
-    "truediv": operator.truediv,
-    "floordiv": operator.floordiv,
-    "mod": operator.mod,
-    "pow": operator.pow,
-    "matmul": operator.matmul,
-    "and": operator.and_,
-    "or": operator.or_,
-    "xor": operator.xor,
-}.items():
-    setattr(NamedArray, f"__{_name}__", _binary(_op))
-    setattr(NamedArray, f"__r{_name}__", _reflected(_op))
-for _name, _op in {"lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge}.items():
-    setattr(NamedArray, f"__{_name}__", _binary(_op))
-for _name, _op in {
-    "neg": operator.neg,
-    "pos": operator.pos,
-    "abs": operator.abs,
-    "invert": operator.invert,
-}.items():
-    setattr(NamedArray, f"__{_name}__", _unary(_op))
 
 _ARRAY_KEY = GetAttrKey("array")
 jax.tree_util.register_pytree_with_keys(
@@ -383,7 +376,7 @@ jax.tree_util.register_pytree_with_keys(
     lambda x: (((_ARRAY_KEY, x.array),), x.names),
     # Rebuilt without checks: jax.tree.map may put anything in place of the
     # array (a bool mask, None, a sentinel); the names are checked when used.
-    lambda names, children: _rebuilt(children[0], names),
+    lambda names, children: _rebuilt(*children, names=names),
     flatten_func=lambda x: ((x.array,), x.names),
 )
 
@@ -520,11 +513,10 @@ def _named_value(leaf: Any) -> Any:
     return leaf
 
 
-def _argument(path: Any) -> str:
+def _argument(path: tuple[Any, ...]) -> str:
     """``args[0]``, ``kwargs['mask']``, ``args[1][2]``: where a NamedArray was passed."""
-    (top, *rest) = path
-    head = "args" if top.idx == 0 else "kwargs"
-    return head + jax.tree_util.keystr(tuple(rest))
+    head = "args" if path[0].idx == 0 else "kwargs"
+    return head + jax.tree_util.keystr(tuple(path[1:]))
 
 
 def _reducer(op: Callable[..., Any], label: str) -> Callable[..., NamedArray]:
@@ -546,7 +538,7 @@ def _reducer(op: Callable[..., Any], label: str) -> Callable[..., NamedArray]:
     return reduce
 
 
-def sum(x: NamedArray, *names: str) -> NamedArray:  # noqa: A001 (the name numpy uses)
+def sum(x: NamedArray, *names: str) -> NamedArray:
     """Sum over the named axes ``names``, which disappear.
 
     Arguments:
@@ -577,7 +569,7 @@ def mean(x: NamedArray, *names: str) -> NamedArray:
     return _mean(x, *names)
 
 
-def max(x: NamedArray, *names: str) -> NamedArray:  # noqa: A001
+def max(x: NamedArray, *names: str) -> NamedArray:
     """Maximum over the named axes ``names``, which disappear.
 
     Example:
@@ -589,7 +581,7 @@ def max(x: NamedArray, *names: str) -> NamedArray:  # noqa: A001
     return _max(x, *names)
 
 
-def min(x: NamedArray, *names: str) -> NamedArray:  # noqa: A001
+def min(x: NamedArray, *names: str) -> NamedArray:
     """Minimum over the named axes ``names``, which disappear.
 
     Example:

@@ -64,8 +64,8 @@ from toylib.nn.dropout import Dropout
 from toylib.nn.einsum import Einsum, LinearGeneral, MergeHeads, ProjectHeads
 from toylib.nn.ema import EMA
 from toylib.nn.linear import Embed, Identity, Linear
-from toylib.nn.named import NamedLinear, NamedMultiHeadAttention
 from toylib.nn.lora import LoRA, LoRALinear, LoRAParam
+from toylib.nn.named import NamedLinear, NamedMultiHeadAttention
 from toylib.nn.normalization import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from toylib.nn.pooling import AvgPool, MaxPool, avg_pool, max_pool
 from toylib.nn.recurrent import RNN, GRUCell, LSTMCell, SimpleCell

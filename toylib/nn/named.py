@@ -23,8 +23,10 @@ from toylib._core.calls import module_path
 from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
 from toylib._core.variables import Param
+from toylib.nn.attention import MultiHeadAttention
 from toylib.nn.dtypes import promote_dtype
-from toylib.nn.linear import default_kernel_init
+from toylib.nn.einsum import LinearGeneral
+from toylib.nn.linear import Linear, default_kernel_init
 
 __all__ = ["NamedLinear", "NamedMultiHeadAttention"]
 
@@ -139,7 +141,7 @@ class NamedLinear(Module):
 
     @classmethod
     def from_positional(
-        cls, layer: Module, in_axes: Sequence[str], out_axes: Sequence[str]
+        cls, layer: Linear | LinearGeneral, in_axes: Sequence[str], out_axes: Sequence[str]
     ) -> NamedLinear:
         """The named layer with the weights of ``nn.Linear`` / ``nn.LinearGeneral`` ``layer``.
 
@@ -170,7 +172,7 @@ class NamedLinear(Module):
                 f"out_axes must name {len(sizes)} axes in all; got {list(in_axes)} and "
                 f"{list(out_axes)}."
             )
-        bias = getattr(layer, "bias", None)
+        bias = layer.bias
         new = cls(
             dict(zip(in_axes, sizes[:n_in], strict=True)),
             dict(zip(out_axes, sizes[n_in:], strict=True)),
@@ -308,7 +310,7 @@ class NamedMultiHeadAttention(Module):
         self.causal = causal
 
     @classmethod
-    def from_positional(cls, attn: Module) -> NamedMultiHeadAttention:
+    def from_positional(cls, attn: MultiHeadAttention) -> NamedMultiHeadAttention:
         """The named layer with the weights of ``nn.MultiHeadAttention`` ``attn``.
 
         Arguments:

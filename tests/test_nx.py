@@ -356,3 +356,24 @@ def test_a_named_array_held_directly_by_a_module_is_refused():
 
 def test_named_layers_are_in_nn():
     assert nn.NamedLinear.__module__ == "toylib.nn.named"
+
+
+def test_update_writes_named_values_in_place():
+    model = Scaled()
+    state = tl.state(model)
+    state["w"].value = state["w"].value * 0
+    tl.update(model, state)
+    assert model.w.value.names == ("features",)
+    np.testing.assert_array_equal(model.w.value.array, np.zeros(3))
+
+
+def test_the_guide_page_code_runs():
+    import pathlib
+    import re
+
+    page = pathlib.Path(__file__).resolve().parent.parent / "docs" / "named_axes.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) >= 5
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(page), "exec"), namespace)

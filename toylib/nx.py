@@ -251,6 +251,7 @@ class NamedArray:
 
         The array must have no positional axes (the new ones would have no
         defined place among them): tag first, or work inside ``nmap``.
+        ``untag()`` with no names returns the array as it is.
 
         Arguments:
             *names: named axes of the array.

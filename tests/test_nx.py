@@ -281,14 +281,13 @@ def test_tl_grad_of_a_named_array_argument_is_named():
 
 
 def test_grad_of_named_params_through_split_and_an_optimizer_step():
-    # tl.grad of a Module whose Params hold NamedArrays needs a fix in
-    # toylib/transforms/autodiff.py (its float check reads one array per
-    # Variable); the functional view differentiates them with raw jax.grad.
     import optax
 
     model = Scaled()
     graphdef, params, rest = tl.split(model, tl.Param, ...)
     grads = jax.grad(lambda p: loss(tl.merge(graphdef, p, rest), batch()))(params)
+    direct = tl.grad(lambda m: loss(m, batch()))(model)  # the same, straight from the Module
+    np.testing.assert_array_equal(direct["w"].value.array, grads["w"].value.array)
     g = grads["w"].value
     assert isinstance(g, nx.NamedArray) and g.names == ("features",)
     np.testing.assert_array_equal(g.unwrap("features"), batch().array.sum(0))

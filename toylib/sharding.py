@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
+import jax.core  # named: jax imports it, but pyright sees only what is imported
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -379,8 +380,12 @@ def place(value: Any, sharding: NamedSharding) -> Any:
     hosts (``jax.device_put`` cannot move one process's array onto another
     process's devices). Random keys are placed through their key data.
     """
+    if isinstance(value, jax.core.Tracer):  # built inside a transform (tl.eval_shape)
+        return jax.lax.with_sharding_constraint(value, sharding)
     if isinstance(value, jax.Array) and value.sharding == sharding:
         return value
+    if isinstance(value, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
     if not hasattr(value, "shape"):
         return jax.device_put(value, sharding)
     if jax.process_count() == 1 or (

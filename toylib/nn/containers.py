@@ -15,7 +15,7 @@ from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
 from toylib.nn._sharding import Names
 from toylib.nn.linear import Linear
-from toylib.transforms.batching import Carry, scan, vmap
+from toylib.transforms.batching import Carry, check_stacked_name, scan, vmap
 
 __all__ = ["MLP", "Sequential", "Stack"]
 
@@ -190,6 +190,13 @@ class Stack(Module):
             step time: XLA:CPU runs a scanned loop markedly slower than the
             same blocks unrolled (benchmarks/README.md measures both), while
             compile time grows with the number of blocks in one iteration.
+        stacked_name: the logical axis name of the stacked axis (default
+            ``"layers"``): every Variable of the blocks that has ``sharding``
+            names (a layer built with ``*_sharding=``) gets it in front,
+            ``("layers", "embed", "mlp")``, and inside each block's call it
+            is taken off again, so a block sees the names it was built with.
+            Variables without names stay without (replicated). None leaves
+            the names as the blocks made them. See ``tl.vmap``.
 
     Returns:
         A Module; ``stack(x, *args, **kwargs)`` computes
@@ -210,6 +217,10 @@ class Stack(Module):
         (3, 4, 4)
         >>> stack(jnp.ones((2, 4))).shape
         (2, 4)
+        >>> named = nn.Stack(lambda r: nn.Linear(4, 4, kernel_sharding=("embed", "mlp"), rngs=r),
+        ...                  3, rngs=0)
+        >>> named.blocks.kernel.sharding, named.blocks.bias.get_metadata("sharding", None)
+        (('layers', 'embed', 'mlp'), None)
     """
 
     def __init__(
@@ -219,6 +230,7 @@ class Stack(Module):
         *,
         rngs: Rngs | int | jax.Array,
         unroll: int | bool = 1,
+        stacked_name: str | None = "layers",
     ) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"Stack(n={n!r}): n must be a positive int (the number of blocks).")
@@ -228,10 +240,12 @@ class Stack(Module):
                 f"Stack(unroll={unroll!r}): give a positive int (blocks per loop "
                 "iteration) or True (unroll all of them)."
             )
+        check_stacked_name(stacked_name, "nn.Stack")
         rngs = as_rngs(rngs, "Stack(rngs=...)")
-        self.blocks = vmap(make_block)(rngs.split(n))
+        self.blocks = vmap(make_block, stacked_name=stacked_name)(rngs.split(n))
         self.n = n
         self.unroll = unroll
+        self.stacked_name = stacked_name
 
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
         def body(x: Any, block: Module, *args: Any) -> tuple[Any, None]:
@@ -243,7 +257,8 @@ class Stack(Module):
         # Extra arguments are broadcast (axis None), not closed over, so a
         # Module among them may still update its state inside.
         in_axes = (Carry, 0, *([None] * len(args)))
-        x, _ = scan(body, in_axes=in_axes, unroll=self.unroll)(x, self.blocks, *args)
+        scanned = scan(body, in_axes=in_axes, unroll=self.unroll, stacked_name=self.stacked_name)
+        x, _ = scanned(x, self.blocks, *args)
         return x
 
     def __len__(self) -> int:

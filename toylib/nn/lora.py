@@ -24,7 +24,7 @@ from toylib._core.calls import module_path
 from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
 from toylib._core.variables import Param, Variable
-from toylib.nn._sharding import Names, named_variable
+from toylib.nn._sharding import Names, check_names, named_variable
 from toylib.nn.checks import check_features
 from toylib.nn.dtypes import as_array, promote_dtype
 from toylib.nn.linear import Linear, default_kernel_init
@@ -227,6 +227,21 @@ class LoRALinear(Linear):
         rngs: Rngs | int | jax.Array,
     ) -> None:
         rngs = as_rngs(rngs, "LoRALinear(rngs=...)")
+        # Checked here too, so that a wrong count names LoRALinear, the layer called.
+        check_names(
+            lora_a_sharding,
+            (in_features, lora_rank),
+            layer=self,
+            variable="lora.lora_a",
+            argument="lora_a_sharding",
+        )
+        check_names(
+            lora_b_sharding,
+            (lora_rank, out_features),
+            layer=self,
+            variable="lora.lora_b",
+            argument="lora_b_sharding",
+        )
         super().__init__(
             in_features,
             out_features,

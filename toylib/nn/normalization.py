@@ -99,7 +99,10 @@ class BatchNorm(Module):
         key = _init_keys(rngs, "BatchNorm(rngs=...)")
         shape = (num_features,)
         # The running statistics are per feature, like scale and bias: they
-        # follow the features' names unless given their own.
+        # follow the features' names unless given their own. (The features'
+        # names are checked first, so that a wrong one is named as given.)
+        check_names(scale_sharding, shape, layer=self, variable="scale")
+        check_names(bias_sharding, shape, layer=self, variable="bias")
         if stats_sharding is None:
             stats_sharding = scale_sharding if scale_sharding is not None else bias_sharding
         self.mean = named_variable(

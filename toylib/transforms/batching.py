@@ -20,6 +20,7 @@ from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from toylib._core import graph
 from toylib._core.filters import check_catch_all_last, filter_repr, to_predicate
@@ -381,6 +382,134 @@ def _raise_two_axes(flat: Flat, reach: dict, there: tuple, here: tuple, caller: 
     )
 
 
+# -- logical names of the stacked axis ------------------------------------------------------
+# A Variable's `sharding` metadata names each of its dimensions (and its
+# `placement`, a NamedSharding, places each). Inside tl.vmap / tl.scan a
+# mapped Variable has one dimension fewer, so its names must too: otherwise
+# a layer that reads them (or tl.sharding, inside the body) would see one
+# name too many. The entry of the mapped axis is taken out on the way in and
+# put back on the way out, and a Variable that comes out with a new axis (a
+# vmapped constructor) gets `stacked_name` there.
+
+SHARDING, PLACEMENT = "sharding", "placement"
+
+BAD_STACKED_NAME = """\
+{caller}: stacked_name={value!r}; expected the logical axis name (a str) given to the
+stacked axis of Variables that have sharding names, or None to leave names alone.
+Fix: e.g. `stacked_name="layers"` (the default).
+"""
+
+
+def check_stacked_name(value: Any, caller: str) -> None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(BAD_STACKED_NAME.format(caller=caller, value=value))
+
+
+def _named_leaves(flat: Flat, axes: list[Any]) -> list[tuple[int, int, int]]:
+    """``(node number, axis, ndim)`` of the input Variables with names and a mapped axis.
+
+    Found outside the trace, once per call; most calls have none (no
+    metadata), and then nothing is done inside.
+    """
+    number: dict[int, int] | None = None
+    found = []
+    for leaf, value, axis in zip(flat.leaves, flat.values, axes, strict=True):
+        ndim = getattr(value, "ndim", None)
+        if not (_is_int(axis) and ndim and isinstance(leaf, Variable) and leaf._metadata):
+            continue
+        if SHARDING in leaf._metadata or PLACEMENT in leaf._metadata:
+            if number is None:
+                number = {id(node): n for n, node in enumerate(flat.nodes)}
+            found.append((number[id(leaf)], axis, ndim))
+    return found
+
+
+def _strip_axis(inside: dict[int, Any], named: list[tuple[int, int, int]]) -> dict[int, dict]:
+    """Take the mapped axis's entry out of the names of the inside Variables in ``named``.
+
+    Returns ``{id(inside Variable): {metadata name: the entry taken}}``, to
+    put the same entries back on the way out.
+    """
+    taken: dict[int, dict] = {}
+    for n, axis, ndim in named:
+        variable = inside[n]
+        position = axis % ndim
+        metadata, removed = dict(variable._metadata), {}
+        names = metadata.get(SHARDING)
+        if isinstance(names, tuple) and len(names) == ndim:
+            removed[SHARDING] = names[position]
+            metadata[SHARDING] = names[:position] + names[position + 1 :]
+        placement = metadata.get(PLACEMENT)
+        if isinstance(placement, NamedSharding):
+            metadata[PLACEMENT], removed[PLACEMENT] = _spec_without(placement, position)
+        if removed:
+            object.__setattr__(variable, "_metadata", metadata)
+            taken[id(variable)] = removed
+    return taken
+
+
+def _restack(
+    pairs: list[tuple[Path, Any]],
+    axis_of: Callable[[int, Path, Any], Any],
+    taken: dict[int, dict],
+    stacked_name: str,
+) -> bool:
+    """Put the stacked axis back into the names of the Variables that leave with one.
+
+    ``axis_of(k, path, leaf)`` is the axis leaf ``k`` leaves with. A Variable
+    whose names describe its slice (as many as the slice's dimensions) gets
+    the entry taken on the way in, or ``stacked_name`` if it had none (it
+    was made inside, or named inside). Returns whether anything changed.
+    """
+    changed_any = False
+    for k, (path, leaf) in enumerate(pairs):
+        if not (isinstance(leaf, Variable) and leaf._metadata):
+            continue
+        names, placement = leaf._metadata.get(SHARDING), leaf._metadata.get(PLACEMENT)
+        if names is None and placement is None:
+            continue
+        ndim = getattr(leaf._value, "ndim", None)
+        axis = axis_of(k, path, leaf)
+        if ndim is None or not _is_int(axis):
+            continue
+        position = axis % (ndim + 1)
+        removed = taken.get(id(leaf), {})
+        metadata = dict(leaf._metadata)
+        if isinstance(names, tuple) and len(names) == ndim:
+            entry = removed.get(SHARDING, stacked_name)
+            metadata[SHARDING] = (*names[:position], entry, *names[position:])
+        if isinstance(placement, NamedSharding) and len(placement.spec) <= ndim:
+            # A Variable made inside gets None: replicated along the new axis.
+            metadata[PLACEMENT] = _spec_with(placement, position, removed.get(PLACEMENT))
+        if metadata != leaf._metadata:
+            object.__setattr__(leaf, "_metadata", metadata)
+            changed_any = True
+    return changed_any
+
+
+# A PartitionSpec may be shorter than the array (the missing trailing entries
+# are None), and P("a") is not equal to P("a", None): the spec is only
+# spliced where it has entries, so that a round trip gives back an equal one.
+
+
+def _spec_without(sharding: NamedSharding, position: int) -> tuple[NamedSharding, Any]:
+    """``sharding`` without the entry for dimension ``position``, and that entry."""
+    spec = tuple(sharding.spec)
+    if position >= len(spec):
+        return sharding, None
+    rest = spec[:position] + spec[position + 1 :]
+    return sharding.update(spec=PartitionSpec(*rest)), spec[position]
+
+
+def _spec_with(sharding: NamedSharding, position: int, entry: Any) -> NamedSharding:
+    """``sharding`` with ``entry`` for a new dimension at ``position``."""
+    spec = tuple(sharding.spec)
+    if entry is None and position >= len(spec):
+        return sharding
+    spec += (None,) * (position - len(spec))
+    return sharding.update(spec=PartitionSpec(*spec[:position], entry, *spec[position:]))
+
+
 # -- vmap -------------------------------------------------------------------------------------
 
 
@@ -396,9 +525,12 @@ class Vmapped(Transform[P, R]):
         out_axes: Any,
         axis_size: int | None,
         axis_name: Any,
+        stacked_name: str | None = "layers",
     ) -> None:
         super().__init__(fn)
         _check_in_axes(in_axes, self.label, scan=False)
+        check_stacked_name(stacked_name, self.label)
+        self._stacked_name = stacked_name
         values = list(out_axes) if isinstance(out_axes, list | tuple) else [out_axes]
         for value in values:
             if not (_is_int(value) or value is None):
@@ -413,13 +545,14 @@ class Vmapped(Transform[P, R]):
         axes = _leaf_axes(flat, specs, self.label)
         _check_one_axis(flat, specs, self.label)
         groups = self._groups(axes, specs)
+        named = _named_leaves(flat, axes) if self._stacked_name is not None else []
         record: list[tuple[OutSpec, list[int]]] = []
 
         # A one-argument closure under the user's name, not a partial: jax
         # reads the signature of what it vmaps on every call (for its error
         # messages), and a partial of a bound method costs 3x as much to read.
         def traced(values: list) -> tuple:
-            return self._traced(flat, specs, axes, groups, record, values)
+            return self._traced(flat, specs, axes, groups, named, record, values)
 
         traced.__name__ = traced.__qualname__ = getattr(self._fn, "__name__", "fn")
         vmapped = jax.vmap(
@@ -456,25 +589,43 @@ class Vmapped(Transform[P, R]):
         return sorted(possible, key=repr)
 
     def _traced(
-        self, flat: Flat, specs: dict, axes: list, groups: list, record: list, values: list
+        self,
+        flat: Flat,
+        specs: dict,
+        axes: list,
+        groups: list,
+        named: list,
+        record: list,
+        values: list,
     ) -> tuple:
         """The function jax.vmap traces: the returned values, grouped by their axis."""
         args, kwargs, tops, inside = unflatten_call(flat.layout, flat.paths, values)
+        taken = _strip_axis(inside, named) if named else {}
         out = call_inside(self.label, self._fn, args, kwargs)
         spec, returned, pairs = flatten_result(
             flat.layout, flat.position, tops, out, inside, values
         )
         out_axis = self._output_axes(spec, out)
         input_leaf = _input_leaves(flat, inside)
+
+        def axis_of(k: int, path: Path, leaf: Any) -> Any:
+            s = spec.sources[k]
+            if s >= 0:
+                return axes[s]  # an input leaf, unchanged: it keeps its axis
+            if path[0] == 1:
+                return out_axis[path[1]]
+            return _returned_axis(flat, specs, axes, input_leaf, path, leaf, self.label)
+
+        if self._stacked_name is not None and _restack(pairs, axis_of, taken, self._stacked_name):
+            # The names are part of the structure: flatten again to record them.
+            spec, returned, pairs = flatten_result(
+                flat.layout, flat.position, tops, out, inside, values
+            )
         placed: list[list] = [[] for _ in groups]
         where = []  # the group of each returned value, to put them back in order outside
-        for (path, leaf), s in zip(pairs, spec.sources, strict=True):
+        for k, ((path, leaf), s) in enumerate(zip(pairs, spec.sources, strict=True)):
             if s < 0:
-                if path[0] == 1:
-                    axis = out_axis[path[1]]
-                else:
-                    axis = _returned_axis(flat, specs, axes, input_leaf, path, leaf, self.label)
-                where.append(groups.index(axis))
+                where.append(groups.index(axis_of(k, path, leaf)))
                 placed[where[-1]].append(returned[~s])
         record.append((spec, where))
         return tuple(placed)
@@ -541,6 +692,7 @@ def vmap(
     out_axes: Any = 0,
     axis_size: int | None = None,
     axis_name: Any = None,
+    stacked_name: str | None = "layers",
 ) -> Vmapped[P, R]: ...
 @overload
 def vmap(
@@ -550,6 +702,7 @@ def vmap(
     out_axes: Any = 0,
     axis_size: int | None = None,
     axis_name: Any = None,
+    stacked_name: str | None = "layers",
 ) -> Callable[[Callable[P, R]], Vmapped[P, R]]: ...
 def vmap(
     fn: Callable | None = None,
@@ -558,6 +711,7 @@ def vmap(
     out_axes: Any = 0,
     axis_size: int | None = None,
     axis_name: Any = None,
+    stacked_name: str | None = "layers",
 ) -> Any:
     """Like ``jax.vmap``, for functions of Modules, with state written back.
 
@@ -574,6 +728,16 @@ def vmap(
         axis_size: the batch size, needed when no input is mapped.
         axis_name: names the mapped axis for collectives
             (``BatchNorm(axis_name=...)`` averages statistics over it).
+        stacked_name: the logical axis name of the mapped axis in Variables'
+            ``sharding`` names (default ``"layers"``). A Variable with names
+            (one per dimension) that is mapped over loses the mapped axis's
+            entry inside ``fn``, where its value is one slice, and gets it
+            back outside; a Variable that comes out with a new axis (built
+            by a vmapped constructor) and names for its slice gets
+            ``stacked_name`` inserted at its out axis. Variables without
+            names stay without. A ``placement`` (``NamedSharding``) is cut
+            and extended the same way (replicated along a new axis). None
+            leaves all names as they are.
 
     Returns:
         The vectorised function (a ``Vmapped``: named like ``fn``, printed as
@@ -598,10 +762,13 @@ def vmap(
         >>> model = Model(tl.Rngs(0).split(4))
         >>> model.linear.kernel.shape, model.norm.mean.shape   # BatchStat: not stacked
         ((4, 2, 2), (2,))
+        >>> make = tl.vmap(lambda r: nn.Linear(2, 3, kernel_sharding=("embed", "mlp"), rngs=r))
+        >>> make(tl.Rngs(0).split(4)).kernel.sharding       # the stacked axis is named
+        ('layers', 'embed', 'mlp')
     """
     if fn is None:
-        return lambda f: Vmapped(f, in_axes, out_axes, axis_size, axis_name)
-    return Vmapped(fn, in_axes, out_axes, axis_size, axis_name)
+        return lambda f: Vmapped(f, in_axes, out_axes, axis_size, axis_name, stacked_name)
+    return Vmapped(fn, in_axes, out_axes, axis_size, axis_name, stacked_name)
 
 
 # -- scan -------------------------------------------------------------------------------------
@@ -667,9 +834,12 @@ class Scanned(Transform):
         length: int | None,
         reverse: bool,
         unroll: int | bool,
+        stacked_name: str | None = "layers",
     ) -> None:
         super().__init__(fn)
         _check_in_axes(in_axes, self.label, scan=True)
+        check_stacked_name(stacked_name, self.label)
+        self._stacked_name = stacked_name
         self._ys_axis = _ys_axis(in_axes, out_axes, self.label)
         self.in_axes, self.out_axes = in_axes, out_axes
         self._scan_kwargs = {"length": length, "reverse": reverse, "unroll": unroll}
@@ -685,8 +855,9 @@ class Scanned(Transform):
         _check_one_axis(flat, specs, self.label)
         carried = [i for i, axis in enumerate(axes) if _is_carried(axis)]
         scanned = [i for i, axis in enumerate(axes) if not _is_carried(axis)]
+        named = _named_leaves(flat, axes) if self._stacked_name is not None else []
         record: list[tuple[OutSpec, list]] = []
-        body = functools.partial(self._body, flat, axes, carried, scanned, carry_arg, record)
+        body = functools.partial(self._body, flat, axes, carried, scanned, carry_arg, named, record)
         try:
             final, stacked = jax.lax.scan(
                 body,
@@ -710,6 +881,7 @@ class Scanned(Transform):
         carried: list,
         scanned: list,
         carry_arg: list,
+        named: list,
         record: list,
         carry: list,
         xs: list,
@@ -717,20 +889,33 @@ class Scanned(Transform):
         """The loop body lax.scan traces: ``(next carry, values stacked per step)``."""
         values = interleave(len(flat.values), (carried, carry), (scanned, xs))
         args, _, tops, inside = unflatten_call(flat.layout, flat.paths, values)
+        taken = _strip_axis(inside, named) if named else {}
         out = call_inside(self.label, self._fn, args, {})
         new_carry, ys = _split_output(out, self.out_axes)
         if carry_arg:
             tops = _replace_carry(flat, tops, carry_arg[0], new_carry)
-        # Carried leaves are always returned: lax.scan's carry keeps its shape.
-        spec, returned, _ = flatten_result(
-            flat.layout,
-            flat.position,
-            tops,
-            ys,
-            inside,
-            values,
-            lambda i: _is_carried(axes[i]),
-        )
+
+        def flatten() -> tuple[OutSpec, list, list]:
+            # Carried leaves are always returned: lax.scan's carry keeps its shape.
+            return flatten_result(
+                flat.layout,
+                flat.position,
+                tops,
+                ys,
+                inside,
+                values,
+                lambda i: _is_carried(axes[i]),
+            )
+
+        def axis_of(k: int, path: Path, leaf: Any) -> Any:
+            if path[0] == 1:
+                return self._ys_axis  # a Module returned as a y: stacked like the ys
+            i = flat.position.get(path[1:])
+            return None if i is None else axes[i]
+
+        spec, returned, pairs = flatten()
+        if self._stacked_name is not None and _restack(pairs, axis_of, taken, self._stacked_name):
+            spec, returned, pairs = flatten()  # the names are structure: record them
         if not spec.same_structure:
             raise ValueError(SCAN_STRUCTURE)
         next_carry, stacked, where = _place(spec, returned, axes, set(carried), self._ys_axis)
@@ -774,6 +959,7 @@ def scan(
     length: int | None = None,
     reverse: bool = False,
     unroll: int | bool = 1,
+    stacked_name: str | None = "layers",
 ) -> Any:
     """Like ``jax.lax.scan``, for functions of Modules, with state written back.
 
@@ -792,6 +978,14 @@ def scan(
             int stacks the ys along that axis. ``tl.Carry`` is in out_axes
             exactly when it is in in_axes.
         length, reverse, unroll: as in ``jax.lax.scan``.
+        stacked_name: the logical axis name of a scanned axis in Variables'
+            ``sharding`` names (default ``"layers"``). A scanned Variable
+            with names (one per dimension) loses the scanned axis's entry
+            inside the body, where its value is one step's slice, and gets
+            it back after the loop (as ``tl.vmap`` does; a ``placement`` is
+            cut the same way). A Module returned as a y, built in the body
+            with names, gets ``stacked_name`` at the ys' axis. None leaves
+            all names as they are.
 
     Returns:
         The looped function (a ``Scanned``: named like ``fn``, printed as
@@ -814,8 +1008,8 @@ def scan(
         (2, 4)
     """
     if fn is None:
-        return lambda f: Scanned(f, in_axes, out_axes, length, reverse, unroll)
-    return Scanned(fn, in_axes, out_axes, length, reverse, unroll)
+        return lambda f: Scanned(f, in_axes, out_axes, length, reverse, unroll, stacked_name)
+    return Scanned(fn, in_axes, out_axes, length, reverse, unroll, stacked_name)
 
 
 def _split_output(out: Any, out_axes: Any) -> tuple[Any, Any]:

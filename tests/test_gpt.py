@@ -192,7 +192,12 @@ def test_data_x_model_parallel_equals_one_device_and_resumes_on_one(whole, tmp_p
     np.testing.assert_allclose(resumed["history"]["train"], whole["history"]["train"], rtol=1e-5)
     want, got = params(whole["model"]), params(resumed["model"])
     for path in want:
-        np.testing.assert_allclose(got[path], want[path], rtol=1e-5, atol=1e-6)
+        if path[-2:] == ("key", "bias"):
+            # Its true gradient is zero (a bias on every key shifts each query's
+            # scores by one constant, which softmax ignores), so Adam's steps
+            # on it follow rounding noise, which differs with the sharding.
+            continue
+        np.testing.assert_allclose(got[path], want[path], rtol=1e-5, atol=1e-6, err_msg=str(path))
 
 
 def test_mesh_argument_and_missing_devices():

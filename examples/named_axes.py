@@ -83,6 +83,7 @@ def regression(epochs: int = 300, verbose: bool = True) -> dict[str, Any]:
 # -- 2. the GPT's attention on named axes -------------------------------------------------
 
 
+@tl.jit  # one compiled program, not one small compile per operation
 def named_logits(model: Any, tokens: jax.Array) -> jax.Array:
     """``model(tokens)``, each block's attention run by ``nn.NamedMultiHeadAttention``.
 
@@ -107,7 +108,7 @@ def gpt_parity(verbose: bool = True) -> dict[str, Any]:
     config = dataclasses.replace(gpt.PRESETS["tiny"], d_model=32, n_heads=4, ctx=16)
     model = gpt.make_model(config).eval()
     tokens = jax.random.randint(jax.random.key(0), (2, config.ctx), 0, gpt.VOCAB)
-    positional = model(tokens)
+    positional = tl.jit(lambda m, t: m(t))(model, tokens)
     named = named_logits(model, tokens)
     diff = float(jnp.max(jnp.abs(positional - named)))
     if verbose:

@@ -333,3 +333,23 @@ def test_abstract_is_the_like_that_loads_a_checkpoint_sharded(tmp_path):
     assert loaded.l1.kernel.placement == NamedSharding(other, P(None, "model"))
     for (_, v), (_, w) in zip(tl.iter_variables(loaded), tl.iter_variables(saved), strict=True):
         np.testing.assert_array_equal(v.value, w.value)
+
+
+def test_a_variable_holding_a_named_array_is_placed_by_its_array():
+    class Named(tl.Module):
+        def __init__(self):
+            w = tl.nx.wrap(jnp.ones((8, 16)), "features_in", "features_out")
+            self.w = tl.Param(w, sharding=("embed", "mlp"))
+
+        def __call__(self, x):
+            return (x @ self.w.value.unwrap("features_in", "features_out")).sum()
+
+    mesh = auto_mesh()
+    model = tl.sharding.init(Named, mesh, RULES)
+    assert model.w.value.array.sharding.spec == P(None, "model")
+    assert model.w.value.names == ("features_in", "features_out")
+    opt = tl.Optimizer(model, optax.adam(1e-2))
+    step = tl.jit(lambda m, o, x: o.update(m, tl.grad(lambda m: m(x))(m)))
+    step(model, opt, jnp.ones((4, 8)))
+    assert model.w.value.array.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "model")), 2)
+    assert isinstance(model.w.value, tl.nx.NamedArray)

@@ -287,7 +287,11 @@ def _names(leaf: Any) -> tuple | None:
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:
+    """The shape names describe: the array's, or that of a pytree's one array (a NamedArray)."""
     shape = getattr(value, "shape", None)
+    if shape is None:
+        leaves = jax.tree.leaves(value)
+        shape = getattr(leaves[0], "shape", None) if len(leaves) == 1 else None
     return tuple(shape) if shape is not None else None
 
 
@@ -387,7 +391,10 @@ def place(value: Any, sharding: NamedSharding) -> Any:
     if isinstance(value, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)
     if not hasattr(value, "shape"):
-        return jax.device_put(value, sharding)
+        if jax.tree.leaves(value) == [value]:  # a Python number
+            return jax.device_put(value, sharding)
+        # A pytree (a NamedArray): each of its arrays placed.
+        return jax.tree.map(lambda leaf: place(leaf, sharding), value)
     if jax.process_count() == 1 or (
         isinstance(value, jax.Array) and not value.is_fully_addressable
     ):
@@ -436,19 +443,9 @@ def shard(model: M, mesh: Mesh | None = None, rules: Rules | None = None) -> M:
     if mesh is None:
         raise ValueError(NO_MESH.format(caller="tl.sharding.shard"))
     resolved = _resolved(model, mesh, rules)  # every check first: nothing moved yet
-    moved = [
-        (path, leaf, place(unwrap(leaf), NamedSharding(mesh, spec)))
-        for path, leaf, spec in resolved
-    ]
-    bare = {}
-    for path, leaf, value in moved:
-        if isinstance(leaf, Variable):
-            leaf.value = value
-            _record(leaf, value.sharding)
-        else:
-            bare[path] = value
-    if bare:
-        update(model, State.from_flat(bare))
+    shardings = [NamedSharding(mesh, spec) for _, _, spec in resolved]
+    values = [place(unwrap(leaf), s) for (_, leaf, _), s in zip(resolved, shardings, strict=True)]
+    _fill(model, resolved, values, shardings)
     return model
 
 

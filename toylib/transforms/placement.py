@@ -191,8 +191,8 @@ def output_shardings(given: Any, out: Any, name: str) -> list[Any]:
 
 
 def _constrain(x: Any, sharding: Any) -> Any:
-    if not isinstance(x, jax.Array) and not hasattr(x, "aval"):
-        return x
+    if not jax.tree.leaves(x):
+        return x  # nothing placed (None, an empty container)
     if isinstance(sharding, NamedSharding) and any(
         t == AxisType.Explicit for t in sharding.mesh.axis_types
     ):

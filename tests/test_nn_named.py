@@ -181,3 +181,32 @@ def test_named_attention_refuses_what_it_does_not_compute():
     )
     with pytest.raises(ValueError, match="divisible by num_heads=3"):
         nn.NamedMultiHeadAttention(3, 8, rngs=0)
+
+
+def test_named_layers_take_sharding_names_and_shard():
+    from jax.sharding import PartitionSpec as P
+
+    layer = nn.NamedLinear(
+        {"features": 8}, {"features": 16}, kernel_sharding=("embed", "mlp"),
+        bias_sharding=("mlp",), rngs=0,
+    )  # fmt: skip
+    assert layer.kernel.sharding == ("embed", "mlp") and layer.bias.sharding == ("mlp",)
+    with pytest.raises(ValueError, match=r"kernel_sharding=\('embed',\)"):
+        nn.NamedLinear({"features": 8}, {"features": 16}, kernel_sharding=("embed",), rngs=0)
+    mesh = tl.sharding.make_mesh((2, 4), ("data", "model"))
+    rules = {"embed": None, "mlp": "model", "heads": "model", "kv": None}
+    sharded = tl.sharding.init(
+        lambda: nn.NamedLinear({"features": 8}, {"features": 16},
+                               kernel_sharding=("embed", "mlp"), rngs=0), mesh, rules,
+    )  # fmt: skip
+    assert sharded.kernel.value.array.sharding.spec == P(None, "model")
+    positional = nn.MultiHeadAttention(
+        4, 8, kernel_sharding=("embed", "heads", "kv"), bias_sharding=("heads", "kv"),
+        out_kernel_sharding=("heads", "kv", "embed"), out_bias_sharding=("embed",), rngs=0,
+    )  # fmt: skip
+    named = nn.NamedMultiHeadAttention.from_positional(positional)
+    assert named.query.kernel.sharding == ("embed", "heads", "kv")
+    assert named.out.kernel.sharding == ("heads", "kv", "embed")
+    assert named.out.bias.sharding == ("embed",)
+    specs = tl.sharding.specs(named, rules, mesh).flat()
+    assert specs[("key", "kernel")] == P(None, "model", None)

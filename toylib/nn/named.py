@@ -23,6 +23,7 @@ from toylib._core.calls import module_path
 from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
 from toylib._core.variables import Param
+from toylib.nn._sharding import Names, check_names
 from toylib.nn.attention import MultiHeadAttention
 from toylib.nn.dtypes import promote_dtype
 from toylib.nn.einsum import LinearGeneral
@@ -93,6 +94,11 @@ class NamedLinear(Module):
         kernel_init: initialiser; it sees the dense shape ``(prod(in), prod(out))``,
             so with the same ``rngs`` the weights are ``nn.Linear``'s.
         bias_init: initialiser of the bias (default zeros).
+        kernel_sharding: logical axis names for ``tl.sharding``, one per
+            kernel axis (the in axes, then the out axes), e.g.
+            ``("embed", "mlp")``; stored as the Param's ``sharding`` metadata
+            and applied to the NamedArray's array (default None: replicated).
+        bias_sharding: the same for the bias (one per out axis).
         rngs: ``tl.Rngs``, an int seed or a key; the ``params`` stream is used.
 
     Returns:
@@ -120,6 +126,8 @@ class NamedLinear(Module):
         precision: Any = None,
         kernel_init: Any = default_kernel_init,
         bias_init: Any = jax.nn.initializers.zeros,
+        kernel_sharding: Names = None,
+        bias_sharding: Names = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         ins, outs = _sizes(in_axes, "in_axes"), _sizes(out_axes, "out_axes")
@@ -128,11 +136,16 @@ class NamedLinear(Module):
         dense = (math.prod(ins.values()), math.prod(outs.values()))
         kernel = kernel_init(rngs.params(), dense, param_dtype)
         kernel = jnp.reshape(kernel, (*ins.values(), *outs.values()))
-        self.kernel = Param(nx.wrap(kernel, *kernel_in, *kernel_out))
+        # The names describe the stored array's axes (those of nx.wrap: all named here).
+        check_names(kernel_sharding, kernel.shape, layer=self, variable="kernel")
+        self.kernel = _param(nx.wrap(kernel, *kernel_in, *kernel_out), kernel_sharding)
         self.bias = None
         if use_bias:
-            bias = bias_init(rngs.params(), (dense[1],), param_dtype)
-            self.bias = Param(nx.wrap(jnp.reshape(bias, tuple(outs.values())), *outs))
+            bias = jnp.reshape(
+                bias_init(rngs.params(), (dense[1],), param_dtype), (*outs.values(),)
+            )
+            check_names(bias_sharding, bias.shape, layer=self, variable="bias")
+            self.bias = _param(nx.wrap(bias, *outs), bias_sharding)
         # Tuples of (name, size) pairs: hashable static attributes.
         self.in_axes = tuple(ins.items())
         self.out_axes = tuple(outs.items())
@@ -185,8 +198,10 @@ class NamedLinear(Module):
         )
         kernel_in, kernel_out = _kernel_names(tuple(in_axes), tuple(out_axes))
         new.kernel.value = nx.wrap(kernel, *kernel_in, *kernel_out)
+        _copy_names(layer.kernel, new.kernel)
         if bias is not None and new.bias is not None:
             new.bias.value = nx.wrap(jnp.asarray(bias.value), *out_axes)
+            _copy_names(bias, new.bias)
         return new
 
     def __call__(self, x: nx.NamedArray) -> nx.NamedArray:
@@ -251,6 +266,11 @@ class NamedMultiHeadAttention(Module):
         causal: each position attends to itself and earlier ones only.
         use_bias, dtype, param_dtype, precision, kernel_init, bias_init:
             as in ``nn.NamedLinear``, for the four projections.
+        kernel_sharding, bias_sharding: logical names of the query, key and
+            value kernels ``(features, heads, head_dim)`` and biases
+            ``(heads, head_dim)``, as ``nn.MultiHeadAttention`` takes them.
+        out_kernel_sharding, out_bias_sharding: those of the ``out``
+            kernel ``(heads, head_dim, features)`` and bias ``(features,)``.
         rngs: ``tl.Rngs``, an int seed or a key.
 
     Returns:
@@ -280,6 +300,10 @@ class NamedMultiHeadAttention(Module):
         precision: Any = None,
         kernel_init: Any = default_kernel_init,
         bias_init: Any = jax.nn.initializers.zeros,
+        kernel_sharding: Names = None,
+        bias_sharding: Names = None,
+        out_kernel_sharding: Names = None,
+        out_bias_sharding: Names = None,
         rngs: Rngs | int | jax.Array,
     ) -> None:
         rngs = as_rngs(rngs, "NamedMultiHeadAttention(rngs=...)")
@@ -301,10 +325,13 @@ class NamedMultiHeadAttention(Module):
             rngs=rngs,
         )
         heads = {"heads": num_heads, "head_dim": head_dim}
-        self.query = NamedLinear({"features": in_features}, heads, **common)
-        self.key = NamedLinear({"features": in_features}, heads, **common)
-        self.value = NamedLinear({"features": in_features}, heads, **common)
-        self.out = NamedLinear(heads, {"features": out_features}, **common)
+        inputs = {"features": in_features}
+        qkv = dict(common, kernel_sharding=kernel_sharding, bias_sharding=bias_sharding)
+        self.query = NamedLinear(inputs, heads, **qkv)
+        self.key = NamedLinear(inputs, heads, **qkv)
+        self.value = NamedLinear(inputs, heads, **qkv)
+        out = dict(common, kernel_sharding=out_kernel_sharding, bias_sharding=out_bias_sharding)
+        self.out = NamedLinear(heads, {"features": out_features}, **out)
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.causal = causal
@@ -380,3 +407,15 @@ class NamedMultiHeadAttention(Module):
         weights = weights.astype(value.dtype)
         mixed = nx.nmap(jnp.dot)(weights.untag("kv_seq"), value.untag("kv_seq"))
         return self.out(mixed)
+
+
+def _param(value: nx.NamedArray, names: Any) -> Param:
+    """A Param holding ``value``, with ``sharding`` names when given (checked already)."""
+    return Param(value) if names is None else Param(value, sharding=tuple(names))
+
+
+def _copy_names(source: Any, target: Param) -> None:
+    """The positional layer's ``sharding`` names, onto the named layer's Param."""
+    names = source.get_metadata("sharding", None) if hasattr(source, "get_metadata") else None
+    if names is not None:
+        target.set_metadata(sharding=names)

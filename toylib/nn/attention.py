@@ -606,20 +606,28 @@ class MultiHeadAttention(Module):
             "kernel_init": kernel_init if out_kernel_init is None else out_kernel_init,
             "bias_init": bias_init if out_bias_init is None else out_bias_init,
         }
-        q_names = dict(
-            kernel_sharding=names["kernel_sharding"], bias_sharding=names["bias_sharding"]
+        self.query = ProjectHeads(
+            in_features,
+            num_heads,
+            head_dim,
+            **common,
+            kernel_sharding=names["kernel_sharding"],
+            bias_sharding=names["bias_sharding"],
         )
-        kv_names = dict(
+        kv_names: dict[str, Any] = dict(
             kernel_sharding=names["kv_kernel_sharding"], bias_sharding=names["kv_bias_sharding"]
         )
-        out_names = dict(
-            kernel_sharding=names["out_kernel_sharding"], bias_sharding=names["out_bias_sharding"]
-        )
-        self.query = ProjectHeads(in_features, num_heads, head_dim, **common, **q_names)
         self.key = ProjectHeads(in_kv_features, num_kv_heads, head_dim, **common, **kv_names)
         self.value = ProjectHeads(in_kv_features, num_kv_heads, head_dim, **common, **kv_names)
-        self.out = MergeHeads(num_heads, head_dim, out_features, **out, **out_names)
-        norm = dict(
+        self.out = MergeHeads(
+            num_heads,
+            head_dim,
+            out_features,
+            **out,
+            kernel_sharding=names["out_kernel_sharding"],
+            bias_sharding=names["out_bias_sharding"],
+        )
+        norm: dict[str, Any] = dict(
             use_bias=False,
             dtype=dtype,
             param_dtype=param_dtype,

@@ -662,3 +662,26 @@ def test_placement_is_cut_and_restored(spec, inside_spec):
     assert inside == [(("embed", "mlp"), inside_spec)] * 2
     assert holder.w.metadata == before
     assert holder.w.placement.spec == spec
+
+
+def test_a_variable_mapped_on_its_own_along_another_axis():
+    w = tl.Param(jnp.ones((3, 2, 5)), sharding=("embed", "layers", "mlp"))
+    seen = []
+
+    def double(v):
+        seen.append(v.sharding)
+        v.value = v.value * 2
+
+    tl.vmap(double, in_axes=1)(w)
+    step = tl.jit(lambda v: tl.vmap(double, in_axes=1)(v))
+    step(w)
+    step(w)
+
+    def body(carry, v):
+        double(v)
+        return carry, None
+
+    tl.scan(body, in_axes=(tl.Carry, 1))(jnp.zeros(()), w)
+    assert seen == [("embed", "mlp")] * 3  # eager, traced once under tl.jit, the scan body
+    assert w.sharding == ("embed", "layers", "mlp")
+    np.testing.assert_allclose(np.asarray(w.value), 16.0)

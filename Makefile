@@ -41,6 +41,10 @@ lock:
 	} > $(LOCK).new; \
 	mv $(LOCK).new $(LOCK); echo "wrote $(LOCK) ($$(grep -vc '^#' $(LOCK)) packages)"
 
+# The docs build runs the tutorials; the sharding one wants 8 (fake CPU) devices,
+# which XLA makes only when asked before JAX starts.
+DOCS_ENV := NO_MKDOCS_2_WARNING=1 XLA_FLAGS=--xla_force_host_platform_device_count=8
+
 # --dist loadfile: a file's tests share compiled shapes and module-scoped
 # fixtures (test_gpt.py trains its model once); spread over both workers they
 # would compile and train twice. --durations: the slowest tests, in every log.
@@ -49,14 +53,14 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/pyright --pythonpath $(BIN)/python
 	$(BIN)/python -m pytest -n auto --dist loadfile --durations=15
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir out/site
+	$(DOCS_ENV) $(BIN)/mkdocs build --strict --quiet --site-dir out/site
 
 demo: $(STAMP)
 	$(BIN)/python examples/digits.py
 
 # The docs site, strict (a broken link or a warning fails), into out/site.
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir out/site
+	$(DOCS_ENV) $(BIN)/mkdocs build --strict --site-dir out/site
 
 # Benchmarks compare against Equinox and Flax NNX: installed only here.
 bench: $(STAMP)

@@ -31,8 +31,16 @@ validation loss), ``checkpoint/`` (model and optimizer, ``tl.save``) and
 ``--steps`` in total: the same schedule, data and dropout keys, so it ends
 where an uninterrupted run would.
 
+Scale: ``--mesh DxM`` trains data x model parallel on a ``("data", "model")``
+mesh of D*M devices. Every weight carries logical axis names (``embed``,
+``mlp``, ``heads``, ``kv``, ``vocab``; ``nn.Stack`` adds ``layers``) and
+``RULES`` maps them to the mesh: the model is built directly sharded
+(``tl.sharding.init``), each batch is split over "data"
+(``tl.sharding.batch``), and the loss curve is the one-device curve to float
+tolerance. On a CPU the example asks XLA for D*M fake devices.
+
 Run: ``python examples/gpt.py --preset tiny --steps 200`` (well under a
-minute on 2 CPU cores) or ``--preset small``.
+minute on 2 CPU cores) or ``--preset small``; add ``--mesh 2x4`` to shard.
 """
 
 from __future__ import annotations
@@ -148,18 +156,51 @@ def get_batch(
 # -- the model ------------------------------------------------------------------------------
 
 
+# Logical axis names -> mesh axes for data x model parallelism on a
+# ("data", "model") mesh (Megatron's layout): the batch is split over "data";
+# MLP hidden units, attention heads and the vocabulary over "model"; the
+# residual stream and the stacked layers are replicated. Every weight below
+# says what its dimensions are; on one device the names do nothing.
+RULES = {
+    "batch": "data",
+    "vocab": "model",
+    "embed": None,
+    "mlp": "model",
+    "heads": "model",
+    "kv": None,
+    "layers": None,
+}
+EMBED = ("embed",)
+
+
+def layer_norm(d: int) -> nn.LayerNorm:
+    return nn.LayerNorm(d, epsilon=1e-5, scale_sharding=EMBED, bias_sharding=EMBED)
+
+
 class Block(tl.Module):
     """Pre-LayerNorm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
 
     def __init__(self, config: Config, *, rngs: tl.Rngs) -> None:
         d = config.d_model
-        self.ln1 = nn.LayerNorm(d, epsilon=1e-5)
+        self.ln1 = layer_norm(d)
         self.attn = nn.MultiHeadAttention(
-            config.n_heads, d, causal=True, dropout_rate=config.dropout, rngs=rngs
+            config.n_heads,
+            d,
+            causal=True,
+            dropout_rate=config.dropout,
+            kernel_sharding=("embed", "heads", "kv"),
+            bias_sharding=("heads", "kv"),
+            out_kernel_sharding=("heads", "kv", "embed"),
+            out_bias_sharding=EMBED,
+            rngs=rngs,
         )
-        self.ln2 = nn.LayerNorm(d, epsilon=1e-5)
-        self.up = nn.Linear(d, 4 * d, rngs=rngs)
-        self.down = nn.Linear(4 * d, d, rngs=rngs)
+        self.ln2 = layer_norm(d)
+        self.up = nn.Linear(
+            d, 4 * d, kernel_sharding=("embed", "mlp"), bias_sharding=("mlp",), rngs=rngs
+        )
+        self.down = nn.Linear(
+            4 * d, d, kernel_sharding=("mlp", "embed"), bias_sharding=EMBED, rngs=rngs
+        )
         self.drop = nn.Dropout(config.dropout, rngs=rngs)
 
     def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
@@ -178,11 +219,17 @@ class GPT(tl.Module):
 
     def __init__(self, config: Config, *, rngs: tl.Rngs) -> None:
         init = nn.initializers.normal(0.02)  # GPT-2's
-        self.tokens = nn.Embed(VOCAB, config.d_model, embedding_init=init, rngs=rngs)
-        self.positions = nn.Embed(config.ctx, config.d_model, embedding_init=init, rngs=rngs)
+        d = config.d_model
+        self.tokens = nn.Embed(
+            VOCAB, d, embedding_init=init, embedding_sharding=("vocab", "embed"), rngs=rngs
+        )
+        self.positions = nn.Embed(
+            config.ctx, d, embedding_init=init, embedding_sharding=(None, "embed"), rngs=rngs
+        )
         self.drop = nn.Dropout(config.dropout, rngs=rngs)
+        # nn.Stack puts "layers" in front of every stacked weight's names.
         self.blocks = nn.Stack(lambda r: Block(config, rngs=r), config.n_layers, rngs=rngs)
-        self.ln = nn.LayerNorm(config.d_model, epsilon=1e-5)
+        self.ln = layer_norm(d)
 
     def __call__(
         self, tokens: Int[Array, "b t"], start: Int[Array, ""] | int = 0
@@ -193,22 +240,63 @@ class GPT(tl.Module):
         return self.tokens.attend(self.ln(self.blocks(x)))
 
 
-def make_model(config: Config) -> GPT:
-    """Build the GPT in one compiled program (``tl.jit`` of the constructor).
+def make_model(config: Config, mesh: jax.sharding.Mesh | None = None) -> GPT:
+    """Build the GPT in one compiled program, sharded over ``mesh`` when given.
 
     Built eagerly, every initialiser (normal, LeCun normal, zeros, ones, the
     vmapped ones of ``nn.Stack``) runs as its own small XLA compile the first
     time; under ``tl.jit`` the whole construction is traced once and compiled
-    as one program. The values are the same.
+    as one program. With a mesh, ``tl.sharding.init`` does the same with
+    each weight's ``out_shardings`` from its names and ``RULES``: every
+    device computes only its own shards. The values are the same either way.
     """
+    if mesh is not None:
+        return tl.sharding.init(lambda: _new(config), mesh, RULES)
     return _build(config)
 
 
-@tl.jit
-def _build(config: Config) -> GPT:
-    # One tl.jit for every call: the config (frozen, hashable) is static, so a
-    # second model of the same config reuses the compiled constructor.
+def _new(config: Config) -> GPT:
     return GPT(config, rngs=tl.Rngs(params=config.seed, dropout=config.seed + 1))
+
+
+# One tl.jit for every call: the config (frozen, hashable) is static, so a
+# second model of the same config reuses the compiled constructor.
+_build = tl.jit(_new)
+
+
+def parse_mesh(text: str) -> tuple[int, int]:
+    """``"2x4"`` -> ``(2, 4)``: data-parallel x model-parallel devices."""
+    try:
+        data, model = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--mesh {text!r}: give data x model devices, e.g. --mesh 2x4"
+        ) from None
+    if data < 1 or model < 1:
+        raise argparse.ArgumentTypeError(f"--mesh {text!r}: both sizes must be at least 1")
+    return data, model
+
+
+def make_mesh(shape: tuple[int, int]) -> jax.sharding.Mesh:
+    """A ("data", "model") mesh of ``shape``, with a clear error when devices are missing."""
+    need, have = shape[0] * shape[1], len(jax.devices())
+    if have < need:
+        raise ValueError(
+            f"gpt: --mesh {shape[0]}x{shape[1]} needs {need} devices, but JAX sees {have}.\n"
+            f"Fix: on a CPU, ask XLA for fake devices before JAX starts:\n\n"
+            f"    XLA_FLAGS=--xla_force_host_platform_device_count={need} "
+            "python examples/gpt.py ..."
+        )
+    return tl.sharding.make_mesh(shape, ("data", "model"), devices=jax.devices()[:need])
+
+
+def to_devices(
+    mesh: jax.sharding.Mesh | None, *arrays: np.ndarray
+) -> tuple[np.ndarray | jax.Array, ...]:
+    """The batch's arrays split over the mesh's "data" axis (unchanged without a mesh)."""
+    if mesh is None:
+        return arrays
+    return tuple(tl.sharding.batch(a, ("batch", None), mesh=mesh, rules=RULES) for a in arrays)
 
 
 def _decay_mask(params: Any) -> Any:
@@ -258,12 +346,19 @@ def train_step(model: GPT, optimizer: tl.Optimizer, x: Array, y: Array) -> Float
 eval_loss = tl.jit(loss_fn)
 
 
-def evaluate(model: GPT, data: np.ndarray, config: Config, batches: int = 8) -> float:
+def evaluate(
+    model: GPT,
+    data: np.ndarray,
+    config: Config,
+    batches: int = 8,
+    mesh: jax.sharding.Mesh | None = None,
+) -> float:
     """Mean loss over ``batches`` fixed windows of ``data``, in evaluation mode (no dropout)."""
     model = tl.clone(model).eval()
     rng = np.random.default_rng([config.seed, 2**31])  # not a training step
     losses = [
-        eval_loss(model, *get_batch(data, config.batch, config.ctx, rng)) for _ in range(batches)
+        eval_loss(model, *to_devices(mesh, *get_batch(data, config.batch, config.ctx, rng)))
+        for _ in range(batches)
     ]
     return float(np.mean([float(v) for v in losses]))
 
@@ -277,6 +372,7 @@ def train(
     until: int | None = None,
     log_every: int = 50,
     console: Console | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> list[float]:
     """Train in place from the optimizer's step count up to ``until`` (default ``config.steps``).
 
@@ -294,8 +390,8 @@ def train(
         task = progress.add_task("train", total=last - first, loss=float("nan"))
         for step in range(first, last):
             rng = np.random.default_rng([config.seed, step])
-            losses.append(train_step(model, optimizer, *get_batch(train_data, config.batch,
-                                                                   config.ctx, rng)))  # fmt: skip
+            batch = to_devices(mesh, *get_batch(train_data, config.batch, config.ctx, rng))
+            losses.append(train_step(model, optimizer, *batch))
             progress.advance(task)
             if (step + 1) % log_every == 0 or step + 1 == last:
                 loss = float(losses[-1])
@@ -433,11 +529,13 @@ def run(
     log_every: int = 50,
     sample_tokens: int = 48,
     console: Console | None = None,
+    mesh: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) ``config``, evaluate, save, plot and sample; print as the CLI does.
 
     ``stop_at`` ends training after that step of the ``config.steps``-step
-    schedule (an interrupted run, to be resumed later).
+    schedule (an interrupted run, to be resumed later). ``mesh=(D, M)``
+    trains data x model parallel on D*M devices (``RULES``).
 
     Returns:
         ``{"model", "optimizer", "history", "val_loss", "sample", "seconds"}``.
@@ -446,7 +544,10 @@ def run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     train_data, val_data = load_text(config.max_bytes)
-    model = make_model(config)
+    devices = None if mesh is None else make_mesh(mesh)
+    if devices is not None:
+        print(f"mesh: {dict(devices.shape)} ({devices.size} devices)")
+    model = make_model(config, devices)
     optimizer = make_optimizer(model, config)
     history: dict[str, list] = {"train": [], "val": []}
     if resume:
@@ -457,8 +558,8 @@ def run(
                 NOTHING_TO_RESUME.format(out=out, done=done, steps=config.steps, more=2 * done)
             )
     history["train"] += train(model, optimizer, train_data, config, until=stop_at,
-                              log_every=log_every, console=console)  # fmt: skip
-    val_loss = evaluate(model, val_data, config)
+                              log_every=log_every, console=console, mesh=devices)  # fmt: skip
+    val_loss = evaluate(model, val_data, config, mesh=devices)
     history["val"].append([int(optimizer.step.value), val_loss])
     print(f"val loss: {val_loss:.4f}")
     tl.save(out / "checkpoint", (model, optimizer))
@@ -480,7 +581,11 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """The command line: ``--preset``, ``--steps``, ``--out``, ``--resume``, ``--seed``."""
+    """The command line: ``--preset``, ``--steps``, ``--out``, ``--resume``, ``--seed``, ``--mesh``.
+
+    ``--mesh DxM`` on a CPU asks XLA for D*M fake devices (they prove the
+    sharded program right, not fast).
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--steps", type=int, help="total optimizer steps (the schedule length)")
@@ -489,12 +594,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--stop-at", type=int, help="stop after this step (resume later)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument(
+        "--mesh", type=parse_mesh, help="data x model parallel devices, e.g. 2x4 (RULES)"
+    )
     args = parser.parse_args(argv)
+    if args.mesh is not None:
+        _fake_cpu_devices(args.mesh[0] * args.mesh[1])
     config = PRESETS[args.preset]
     changes = {"steps": args.steps, "seed": args.seed}
     config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
     return run(config, out=args.out, resume=args.resume, stop_at=args.stop_at,
-               preset=args.preset, log_every=args.log_every)  # fmt: skip
+               preset=args.preset, log_every=args.log_every, mesh=args.mesh)  # fmt: skip
+
+
+def _fake_cpu_devices(n: int) -> None:
+    # XLA reads the flag when JAX starts its backend (the first array made),
+    # so it is set here, before anything runs; it only adds host (CPU)
+    # devices, so on a GPU machine the GPUs are used as they are.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
 
 
 if __name__ == "__main__":

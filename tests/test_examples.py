@@ -27,3 +27,12 @@ def test_polynomial_regression_loss_falls(capsys):
     assert losses[-1] < 0.02 < losses[0]
     assert result["final_loss"] < 0.02
     assert "loss" in capsys.readouterr().out
+
+
+def test_named_axes_trains_named_dot_and_matches_the_gpt_logits(capsys):
+    result = load("named_axes").main()
+    regression = result["regression"]
+    assert np.abs(regression["true"] - regression["recovered"]).max() < 0.35
+    assert regression["test_mse"] < 2.0
+    assert result["gpt"]["max_diff"] < 1e-5 and result["gpt"]["named"].shape == (2, 16, 256)
+    assert "max |positional - named|" in capsys.readouterr().out

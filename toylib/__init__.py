@@ -13,7 +13,7 @@ imports none of the four (benchmarks/import_time.py times it).
 import importlib as _importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
-from toylib import errors, metrics, nn
+from toylib import errors, metrics, nn, nx, sharding
 from toylib._core import filters
 from toylib._core.calls import call_path, forward_hook
 from toylib._core.filters import All, Any, Not, PathContains
@@ -113,6 +113,7 @@ __all__ = [
     "checkify",
     "error_if",
     "errors",
+    "sharding",
     "combine",
     "filter",
     "is_array",
@@ -153,6 +154,7 @@ __all__ = [
     "merge",
     "metrics",
     "nn",
+    "nx",
     "pop",
     "remat",
     "save",

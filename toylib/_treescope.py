@@ -17,16 +17,32 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import treescope
-from treescope import context, formatting_util, rendering_parts, repr_lib, type_registries
+from treescope import (
+    context,
+    formatting_util,
+    ndarray_adapters,
+    rendering_parts,
+    repr_lib,
+    type_registries,
+)
 
 from toylib._core.containers import untracked
 from toylib._core.module import Module
 from toylib._core.state import State
 from toylib._core.variables import Variable, describe_value
 from toylib.display import ROOT, format_sizes, variable_sizes
+from toylib.nx import NamedArray, nmap
 
-__all__ = ["MODULE_MARK", "render_module", "render_state", "render_variable"]
+__all__ = [
+    "MODULE_MARK",
+    "NamedArrayAdapter",
+    "render_module",
+    "render_named_array",
+    "render_state",
+    "render_variable",
+]
 
 # -- shared references -----------------------------------------------------------------
 
@@ -72,8 +88,16 @@ def _once(node: Any, path: str | None, draw: Callable[[], Any]) -> Any:
 
 def _variable_text(variable: Variable) -> str:
     """``float32[3, 2]`` then the metadata: ``float32[3, 2] sharding=('embed', 'mlp')``."""
-    metadata = "".join(f" {k}={v!r}" for k, v in variable._metadata.items())
+    metadata = "".join(f" {k}={_metadata_text(v)}" for k, v in variable._metadata.items())
     return describe_value(variable._value) + metadata
+
+
+def _metadata_text(value: Any) -> str:
+    """A metadata value; a placement (a NamedSharding) as its spec and mesh shape."""
+    if isinstance(value, jax.sharding.NamedSharding):
+        axes = ", ".join(f"{name}={size}" for name, size in value.mesh.shape.items())
+        return f"{value.spec} on mesh({axes})"
+    return repr(value)
 
 
 def _reference(node: Any, where: str | None) -> Any:
@@ -202,6 +226,92 @@ def render_state(node: Any, path: str | None, subtree_renderer: Any) -> Any:
     """A State as ``State({...})`` of its entries; ``State.__treescope_repr__``."""
     return repr_lib.render_dictionary_wrapper(State, dict(node.items()), path, subtree_renderer)
 
+
+# -- named arrays (tl.nx) ---------------------------------------------------------------
+
+
+def render_named_array(node: Any, path: str | None, subtree_renderer: Any) -> Any:
+    """A NamedArray as one line, ``NamedArray float32[3 | batch:4]``; unfold for the array.
+
+    ``NamedArray.__treescope_repr__``. Its array view (treescope's arrayviz,
+    with the named axes labelled by name) comes from ``NamedArrayAdapter``:
+    ``treescope.render_array(x)`` and the array autovisualizer use it.
+    """
+    label = rendering_parts.siblings(
+        rendering_parts.maybe_qualified_type_name(type(node)),
+        " ",
+        rendering_parts.abbreviation_color(rendering_parts.text(node.describe())),
+    )
+    array_path = None if path is None else f"{path}.array"
+    array = rendering_parts.build_full_line_with_annotations(
+        rendering_parts.siblings_with_annotations(
+            "array=", subtree_renderer(node.array, path=array_path)
+        )
+    )
+    return rendering_parts.build_custom_foldable_tree_node(
+        label=label,
+        contents=rendering_parts.fold_condition(
+            expanded=rendering_parts.indented_children([array])
+        ),
+        path=path,
+        expand_state=rendering_parts.ExpandState.COLLAPSED,
+    )
+
+
+class NamedArrayAdapter(ndarray_adapters.NDArrayAdapter[NamedArray]):
+    """treescope's array view of a NamedArray: positional axes by index, named ones by name.
+
+    The named axes are treescope's "named positionless" axes, the kind it
+    draws for Penzai's NamedArray; everything else is delegated to the
+    adapter of the array inside.
+    """
+
+    def _inner(self, node: NamedArray) -> ndarray_adapters.NDArrayAdapter[Any]:
+        adapter = type_registries.lookup_ndarray_adapter(node.array)
+        if adapter is None:
+            raise TypeError(f"treescope cannot draw the {type(node.array).__name__} in {node!r}")
+        return adapter
+
+    def get_axis_info_for_array_data(self, array: NamedArray) -> tuple[Any, ...]:
+        positional = [
+            ndarray_adapters.PositionalAxisInfo(i, size)
+            for i, size in enumerate(array.positional_shape)
+        ]
+        named = [
+            ndarray_adapters.NamedPositionlessAxisInfo(name, size)
+            for name, size in array.named_shape.items()
+        ]
+        return (*positional, *named)
+
+    def get_array_data_with_truncation(
+        self, array: NamedArray, mask: Any, edge_items_per_axis: tuple[int | None, ...]
+    ) -> Any:
+        if isinstance(mask, NamedArray):
+            # Aligned by name, then laid out as `array` is: (*positional, *array.names).
+            mask = nmap(lambda a, m: jax.numpy.broadcast_to(m, a.shape))(array, mask).array
+        return self._inner(array).get_array_data_with_truncation(
+            array.array, mask, edge_items_per_axis
+        )
+
+    def get_array_summary(self, array: NamedArray, fast: bool) -> Any:
+        inner = self._inner(array).get_array_summary(array.array, fast)
+        if isinstance(inner, str):
+            inner = rendering_parts.text(inner)
+        return rendering_parts.siblings(
+            f"NamedArray {array.describe()} ", rendering_parts.comment_color(inner)
+        )
+
+    def get_numpy_dtype(self, array: NamedArray) -> Any:
+        return self._inner(array).get_numpy_dtype(array.array)
+
+    def get_sharding_info_for_array_data(self, array: NamedArray) -> Any:
+        return self._inner(array).get_sharding_info_for_array_data(array.array)
+
+    def should_autovisualize(self, array: NamedArray) -> bool:
+        return self._inner(array).should_autovisualize(array.array)
+
+
+type_registries.NDARRAY_ADAPTER_REGISTRY[NamedArray] = NamedArrayAdapter()
 
 type_registries.IMMUTABLE_TYPES_REGISTRY[Module] = True
 type_registries.IMMUTABLE_TYPES_REGISTRY[Variable] = True

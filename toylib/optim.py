@@ -14,6 +14,7 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from toylib._core.filters import filter_repr, to_predicate
 from toylib._core.graph import flatten, parent_of, tree_leaf_paths, write_all
@@ -21,6 +22,7 @@ from toylib._core.module import Module
 from toylib._core.paths import Path, first_few, format_path, list_paths, sorted_keys
 from toylib._core.state import State
 from toylib._core.variables import Param, Variable, checked_value, spec_text, unwrap
+from toylib.sharding import place
 
 __all__ = ["OptState", "Optimizer"]
 
@@ -239,8 +241,18 @@ class Optimizer(Module):
         order = tuple(slot.value for slot in slots)
         if sorted(order) != list(range(len(leaves))):  # every leaf stored exactly once
             raise RuntimeError(f"tl.Optimizer: cannot store this optax state ({treedef}).")
+        places, names = _placements(state, params_state), _names(state, params_state)
         for slot, position in zip(slots, order, strict=True):
             slot.value = leaves[position]
+            if names[position] is not None and len(names[position]) == jnp.ndim(slot.value):
+                slot.set_metadata(sharding=names[position])
+            if places[position] is not None:
+                slot.value = place(slot.value, places[position])
+                slot.set_metadata(placement=places[position])
+        if places and places[0] is not None:  # placed state: the step count beside it
+            replicated = NamedSharding(places[0].mesh, PartitionSpec())
+            self.step.value = place(self.step.value, replicated)
+            self.step.set_metadata(placement=replicated)
         self.state_layout = _StateLayout(
             jax.tree.structure(params_state), _specs(params), treedef, order
         )
@@ -370,6 +382,71 @@ class Optimizer(Module):
                 )
             )
         return State.from_flat(out)
+
+
+def _placement(param: Any) -> NamedSharding | None:
+    """Where a parameter was placed: by tl.sharding, or (on a mesh) by the user."""
+    if isinstance(param, Variable) and param.get_metadata("placement", None) is not None:
+        return param.get_metadata("placement")
+    sharding = getattr(unwrap(param), "sharding", None)
+    if isinstance(sharding, NamedSharding) and len(sharding.device_set) > 1:
+        return sharding
+    return None
+
+
+def _placements(state: Any, params: State) -> list[NamedSharding | None]:
+    """For each leaf of optax's ``state``: where to place it (None: leave it).
+
+    A subtree with the parameters' structure (Adam's moments) is placed
+    leaf by leaf like the parameters; anything else (counts, scalars) is
+    replicated on their mesh. Nothing is placed when no parameter is.
+    """
+    places = [_placement(p) for p in jax.tree.leaves(params, is_leaf=_is_variable)]
+    meshes = [p for p in places if p is not None]
+    if not meshes:
+        return [None] * len(jax.tree.leaves(state))
+    replicated = NamedSharding(meshes[0].mesh, PartitionSpec())
+    return _like_params(state, params, [p or replicated for p in places], replicated)
+
+
+def _names(state: Any, params: State) -> list[tuple | None]:
+    """For each leaf of optax's ``state``: the logical sharding names of its parameter.
+
+    So ``tl.sharding.specs``/``shard``/``abstract`` place the moments like
+    their parameters, as ``tl.Optimizer`` itself does.
+    """
+    names = [
+        p.get_metadata("sharding", None) if _is_variable(p) else None
+        for p in jax.tree.leaves(params, is_leaf=_is_variable)
+    ]
+    return _like_params(state, params, names, None)
+
+
+def _like_params(state: Any, params: State, per_param: list, other: Any) -> list:
+    """Per leaf of ``state``: ``per_param``'s entries in the params' subtrees, else ``other``."""
+    params_def = jax.tree.structure(params)
+    box = [_Entry(x) for x in per_param]  # opaque leaves, whatever the entries are
+
+    def walk(node: Any) -> Any:
+        treedef = jax.tree.structure(node)
+        if treedef == params_def:
+            return jax.tree.unflatten(params_def, box)
+        if treedef.num_nodes == 1:  # one leaf (or an empty node: no leaves)
+            return jax.tree.unflatten(treedef, [_Entry(other)] * treedef.num_leaves)
+        children = jax.tree.leaves(node, is_leaf=lambda x: x is not node)
+        node_def = jax.tree.structure(node, is_leaf=lambda x: x is not node)
+        return jax.tree.unflatten(node_def, [walk(c) for c in children])
+
+    return [entry.value for entry in jax.tree.leaves(walk(state))]
+
+
+class _Entry:
+    """A value ``jax.tree`` treats as one leaf (None and tuples would be nodes)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
 
 def _is_variable(x: Any) -> bool:

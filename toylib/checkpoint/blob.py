@@ -48,6 +48,15 @@ saved structure: `model = tl.load_bytes(blob, model)`.
 """
 
 
+SPANS_PROCESSES = """\
+tl.save_bytes: `{path}` is sharded over the devices of several processes, and this
+process holds only its own shards of it, so one process's blob cannot hold it.
+Fix: save with tl.save(path, obj), which writes each shard from the process that
+holds it (every process calls it), or gather the arrays into every process first
+(jax.experimental.multihost_utils.process_allgather).
+"""
+
+
 def save_bytes(obj: Any) -> bytes:
     """``obj``'s state as one ``bytes`` object, in toylib's blob format (version 1).
 
@@ -74,6 +83,9 @@ def save_bytes(obj: Any) -> bytes:
         True
     """
     _, stored = to_store(obj, "tl.save_bytes")
+    for path, x, _ in stored:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            raise ValueError(SPANS_PROCESSES.format(path=format_path(path)))
     hosts = jax.device_get([x for _, x, _ in stored])  # one transfer for all arrays
     leaves, chunks, offset = {}, [], 0
     for (path, _, meta), host in zip(stored, hosts, strict=True):

@@ -20,7 +20,7 @@ import google_crc32c
 import numpy as np
 
 from toylib._core.paths import format_path, nest
-from toylib.checkpoint import moves
+from toylib.checkpoint import moves, processes
 from toylib.checkpoint.entries import (
     DAMAGED,
     Entry,
@@ -88,6 +88,12 @@ def save(path: str | os.PathLike, obj: Any) -> None:
     always holds one whole checkpoint: the old one, or one of the writers'.
     Only an earlier checkpoint or an empty directory is ever replaced.
 
+    A sharded model is written shard by shard. Under ``jax.distributed``
+    every process calls ``tl.save`` with the same arrays: orbax writes from
+    each process the shards it holds, the primary process alone does the
+    file work above, and every process returns once the checkpoint is in
+    place (or raises, if the primary failed).
+
     Arguments:
         path: the checkpoint directory. If it exists it must hold an earlier
             checkpoint (or be empty).
@@ -115,19 +121,43 @@ def save(path: str | os.PathLike, obj: Any) -> None:
     _, stored = to_store(obj, "tl.save")
     _nest([(p, x) for p, x, _ in stored])  # two paths with one name: an error, before writing
     # orbax cannot store an array with no elements; the manifest's shape and dtype are all of it.
-    tree = _nest([(p, x) for p, x, _ in stored if x.size])
-    moves.check_replaceable(target, _is_checkpoint)
-    staging = moves.staging_for(target)
+    # With several processes, an array held by this process alone is written from the primary's.
+    tree = _nest(
+        [(p, np.asarray(x) if processes.host_local(x) else x) for p, x, _ in stored if x.size]
+    )
+    processes.check_same_path(str(target))
+    # Every process calls save; the primary alone checks the path and names the
+    # staging directory (its host and pid, so a later save can tell if it died).
+    name = processes.on_primary(
+        "check the path and make the staging directory", lambda: _stage(target)
+    )
+    staging = target.with_name(name)
     try:
-        if tree:
+        if tree:  # orbax writes each process's shards, and waits for all of them
             with moves.quiet_absl(), ocp.Checkpointer(_handler()) as checkpointer:
                 checkpointer.save(staging, args=ocp.args.PyTreeSave(tree))
-        else:
+        elif processes.is_primary():
             staging.mkdir()
-        _write_manifest(staging, stored)
-        moves.move_into_place(staging, target, _is_checkpoint)
+        # All files are written: the primary digests them and swaps the directory
+        # in; the others wait for it, so every process returns once it is in place.
+        processes.on_primary(
+            "put the checkpoint in place", lambda: _finish(staging, target, stored)
+        )
     finally:
-        moves.remove(staging)  # the new checkpoint if something failed, else the old one
+        if processes.is_primary():
+            moves.remove(staging)  # the new checkpoint if something failed, else the old one
+
+
+def _stage(target: Path) -> str:
+    moves.check_replaceable(target, _is_checkpoint)
+    return moves.staging_for(target).name
+
+
+def _finish(staging: Path, target: Path, stored: list[Entry]) -> str:
+    _write_manifest(staging, stored)
+    moves.move_into_place(staging, target, _is_checkpoint)
+    moves.remove(staging)  # now the old checkpoint, if there was one
+    return ""
 
 
 def _handler() -> Any:
@@ -217,9 +247,11 @@ def load(path: str | os.PathLike, like: Any, *, verify: bool = True) -> Any:
 
     Each array is placed as ``like``'s is: read straight into its sharding when
     ``like``'s array is committed to devices or sharded (or an abstract one
-    carries a sharding), and uncommitted on the default device otherwise, as a
-    freshly built model's arrays are, so a ``tl.jit`` step compiled for fresh
-    objects is not compiled again for loaded ones.
+    carries a sharding, or its Variable records a ``tl.sharding`` placement),
+    each device reading only its own shard, on any mesh and in any number of
+    processes, whatever the saving ones were; uncommitted on the default
+    device otherwise, as a freshly built model's arrays are, so a ``tl.jit``
+    step compiled for fresh objects is not compiled again for loaded ones.
 
     Arguments:
         path: a directory written by ``tl.save``.

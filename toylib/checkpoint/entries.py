@@ -16,7 +16,7 @@ import numpy as np
 from toylib._core import graph
 from toylib._core.paths import first_few, format_path
 from toylib._core.skeleton import is_array, is_graph_node
-from toylib._core.variables import unwrap
+from toylib._core.variables import Variable, unwrap
 from toylib.transforms.lifting import plain_key
 
 Key = tuple[Any, ...]
@@ -96,7 +96,11 @@ class Flat:
             parts, value_def = jax.tree_util.tree_flatten_with_path(value)
             self.value_defs.append(value_def)
             self.counts.append(len(parts))
-            self.entries += [((*base, *map(plain_key, sub)), x) for sub, x in parts]
+            # A Variable holding one array may record where it belongs (tl.sharding).
+            recorded = _recorded(leaf) if len(parts) == 1 else None
+            self.entries += [
+                ((*base, *map(plain_key, sub)), _with_recorded(x, recorded)) for sub, x in parts
+            ]
         self.entries += [(keypaths[i], self.tops[i]) for i in self.direct]
 
     def rebuild(self, values: list[Any]) -> Any:
@@ -115,6 +119,29 @@ class Flat:
         for position in self.direct:
             tops[position] = next(take)
         return jax.tree_util.tree_unflatten(self.treedef, tops)
+
+
+def _recorded(leaf: Any) -> Any:
+    return leaf.get_metadata("placement", None) if isinstance(leaf, Variable) else None
+
+
+def _with_recorded(x: Any, recorded: Any) -> Any:
+    """An abstract leaf without a sharding, given the one its Variable records.
+
+    ``tl.eval_shape`` gives ShapeDtypeStructs without shardings (JAX reports
+    them only on explicit mesh axes), but a Variable placed by
+    ``tl.sharding.shard``/``init`` records its placement (metadata
+    ``placement``), which ``tl.eval_shape`` keeps. So the abstract model of
+    ``tl.eval_shape(lambda: tl.sharding.init(make, mesh, rules))`` loads each
+    array straight into its shards, not whole onto one device.
+    """
+    if (
+        isinstance(x, jax.ShapeDtypeStruct)
+        and x.sharding is None
+        and isinstance(recorded, jax.sharding.Sharding)
+    ):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=recorded)
+    return x
 
 
 # -- save: what is written ---------------------------------------------------------------
@@ -222,7 +249,7 @@ def placement(x: Any) -> jax.sharding.Sharding | None:
     fresh ones are not would compile a step again. So committedness is kept.
     """
     if isinstance(x, jax.ShapeDtypeStruct):
-        return x.sharding  # None for an abstract model: uncommitted
+        return x.sharding  # None (uncommitted) unless it or its Variable says where (Flat)
     if isinstance(x, jax.Array) and (x.committed or len(x.sharding.device_set) > 1):
         return x.sharding
     return None

@@ -65,6 +65,7 @@ from toylib.nn.einsum import Einsum, LinearGeneral, MergeHeads, ProjectHeads
 from toylib.nn.ema import EMA
 from toylib.nn.linear import Embed, Identity, Linear
 from toylib.nn.lora import LoRA, LoRALinear, LoRAParam
+from toylib.nn.named import NamedLinear, NamedMultiHeadAttention
 from toylib.nn.normalization import BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from toylib.nn.pooling import AvgPool, MaxPool, avg_pool, max_pool
 from toylib.nn.recurrent import RNN, GRUCell, LSTMCell, SimpleCell
@@ -100,6 +101,8 @@ __all__ = [
     "Linear",
     "MaxPool",
     "MultiHeadAttention",
+    "NamedLinear",
+    "NamedMultiHeadAttention",
     "RMSNorm",
     "Sequential",
     "Stack",

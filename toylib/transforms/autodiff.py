@@ -206,8 +206,12 @@ class Differentiated(Transform[P, R]):
             if arg in has_nodes:
                 if not self._predicate(flat.arg_path(i), leaf):
                     continue
-                dtype = jax.typeof(flat.values[i]).dtype
-                if not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
+                # Every array of the value: a Variable may hold a pytree (tl.nx.NamedArray).
+                dtypes = [jax.typeof(x).dtype for x in jax.tree.leaves(flat.values[i])]
+                dtype = next(
+                    (d for d in dtypes if not jax.numpy.issubdtype(d, jax.numpy.inexact)), None
+                )
+                if dtype is not None:
                     raise TypeError(
                         NOT_FLOAT.format(
                             caller=self.kind,

@@ -38,6 +38,7 @@ from toylib._core.graph import ModuleDef, watch_graph
 from toylib._core.paths import Path
 from toylib._core.skeleton import Map, Seq, Static, is_graph_node, rebuild
 from toylib._core.variables import Variable, get_value, set_value
+from toylib.transforms import placement
 from toylib.transforms.lifting import (
     Flat,
     Layout,
@@ -164,8 +165,12 @@ class _Trace:
     back to what holds it (no reference cycle).
     """
 
-    def __init__(self, fn: Callable, label: str, flat: Flat, donated: list[bool]) -> None:
+    def __init__(
+        self, fn: Callable, label: str, flat: Flat, donated: list[bool], shardings: tuple
+    ) -> None:
         self.fn, self.label, self.donated = fn, label, donated
+        # Where Variables' new values and the outputs must go (placement.py).
+        self.keep, self.out_shardings = shardings
         # Of the first call only what every call with this Layout shares: no
         # live objects, so the cache does not keep a model alive.
         self.layout, self.paths, self.position = flat.layout, flat.paths, flat.position
@@ -191,6 +196,9 @@ class _Trace:
         spec, returned, _ = flatten_result(
             self.layout, self.position, tops, out, inside, values, self.donated.__getitem__
         )
+        name = getattr(self.fn, "__name__", "fn")
+        out_tops = placement.output_shardings(self.out_shardings, out, name)
+        returned = placement.constrain_returned(spec, returned, self.keep, out_tops)
         # A retrace (new shapes) may change what comes out: record per signature.
         self.specs[_signature(values)] = spec
         if self.last is not None and spec != self.last:
@@ -204,12 +212,21 @@ class _Compiled:
     """One ``jax.jit`` for one Layout of the arguments."""
 
     def __init__(
-        self, fn: Callable, label: str, flat: Flat, donated: list[bool], jit_kwargs: dict
+        self, fn: Callable, label: str, flat: Flat, donated: list[bool], shardings: tuple
     ) -> None:
-        self.trace = trace = _Trace(fn, label, flat, donated)
+        given_in, given_out = shardings
+        n_args = len(flat.layout.treedef.children()[0].children())  # the positional tuple
+        name = getattr(fn, "__name__", "fn")
+        leaf_in = placement.input_shardings(given_in, flat, n_args, name)
+        keep = placement.kept(flat, leaf_in)
+        self.trace = trace = _Trace(fn, label, flat, donated, (keep, given_out))
         self.order, self.n_donated = trace.order, trace.n_donated
         donate = (0,) if trace.n_donated else ()
-        self.jitted = jax.jit(named(trace, fn), donate_argnums=donate, **jit_kwargs)
+        kwargs = {}
+        if any(s is not None for s in leaf_in):  # per leaf, in the two lists' order
+            ordered = [leaf_in[i] for i in self.order]
+            kwargs["in_shardings"] = (ordered[: self.n_donated], ordered[self.n_donated :])
+        self.jitted = jax.jit(named(trace, fn), donate_argnums=donate, **kwargs)
 
     def arguments(self, flat: Flat) -> tuple[list, list]:
         """The compiled function's two arguments: donated and kept leaf values."""
@@ -262,14 +279,14 @@ class Jitted(Transform[P, R]):
         fn: Callable[P, R],
         donate: int | str | Sequence[int | str],
         static_argnames: str | Sequence[str],
-        jit_kwargs: dict,
+        shardings: tuple = (None, None),
     ) -> None:
         super().__init__(fn)
         self._donate = {donate} if isinstance(donate, int | str) else set(donate)
         names = (static_argnames,) if isinstance(static_argnames, str) else tuple(static_argnames)
         self._static_names = frozenset(names)
         self._static_nums = frozenset(_positions(fn, names))
-        self._jit_kwargs = jit_kwargs
+        self._shardings = shardings  # (in_shardings, out_shardings) as the user gave them
         self._compiled: dict[Layout, _Compiled] = {}
         self._fast: _Fast | None = None
         self._previous: Layout | None = None  # the last Layout compiled, to explain retraces
@@ -336,7 +353,7 @@ class Jitted(Transform[P, R]):
         compiled = self._compiled.get(flat.layout)
         if compiled is None:
             donated = [self._is_donated(flat, i) for i in range(len(flat.paths))]
-            compiled = _Compiled(self._fn, self.label, flat, donated, self._jit_kwargs)
+            compiled = _Compiled(self._fn, self.label, flat, donated, self._shardings)
             self._compiled[flat.layout] = compiled
             self._note_retrace(flat)
         return compiled
@@ -566,8 +583,18 @@ def jit(
         static_argnames: parameters to treat as static even if they hold
             arrays (they must be hashable). A name ``fn`` does not have is an
             error, as in ``jax.jit``.
-        in_shardings, out_shardings: a ``jax.sharding.Sharding`` applied to
-            every input (output) array, passed to ``jax.jit``.
+        in_shardings: what ``jax.jit`` takes: one ``Sharding`` for every
+            argument, or a tuple with one entry per positional argument, each
+            None (JAX places it: a committed array stays where it is), a
+            Sharding, or a pytree prefix of the argument; a Module argument
+            takes one Sharding or a State of them (paths as ``tl.state``,
+            e.g. built from ``tl.sharding.specs``). An entry for an argument or
+            a path that does not exist is an error.
+        out_shardings: the same for the output (a Module in the output takes
+            one Sharding). Applied as sharding constraints at the end of the
+            trace. Variables of the arguments need none: a new value is
+            constrained to where the Variable was placed (by ``tl.sharding``
+            or by ``in_shardings``), so state never moves.
 
     Returns:
         The compiled function (also usable as ``@tl.jit`` or ``@tl.jit(...)``),
@@ -589,11 +616,11 @@ def jit(
         >>> int(counter.count.value), step
         (2, <tl.jit(step)>)
     """
-    jit_kwargs = {}
-    if in_shardings is not None:
-        jit_kwargs["in_shardings"] = in_shardings
-    if out_shardings is not None:
-        jit_kwargs["out_shardings"] = out_shardings
-    if fn is None:
-        return lambda f: Jitted(f, donate, static_argnames, jit_kwargs)
-    return Jitted(fn, donate, static_argnames, jit_kwargs)
+
+    def make(f: Callable) -> Jitted:
+        name = getattr(f, "__name__", "fn")
+        placement.check_given(in_shardings, "in_shardings", name)
+        placement.check_given(out_shardings, "out_shardings", name)
+        return Jitted(f, donate, static_argnames, (in_shardings, out_shardings))
+
+    return make if fn is None else make(fn)

@@ -688,3 +688,28 @@ def test_a_variable_mapped_on_its_own_along_another_axis():
     assert seen == [("embed", "mlp")] * 3  # eager, traced once under tl.jit, the scan body
     assert w.sharding == ("embed", "layers", "mlp")
     np.testing.assert_allclose(np.asarray(w.value), 16.0)
+
+
+def test_kv_cache_names_survive_decoding_in_a_stack():
+    stack = nn.Stack(
+        lambda r: nn.MultiHeadAttention(
+            2, 8, kernel_sharding=("embed", "heads", "kv"), causal=True, rngs=r
+        ),
+        2,
+        rngs=0,
+    )
+    names = ("batch", None, "heads", "kv")
+    nn.set_decode(nn.init_cache(stack, 3, 6, sharding=names))
+    expected = {
+        ("cached_key",): ("layers", *names),
+        ("cached_value",): ("layers", *names),
+        ("cache_index",): ("layers",),
+    }
+    assert {p: n for p, n in names_of(stack.blocks).items() if p[0].startswith("cache")} == expected
+    step = tl.jit(lambda model, token: model(token))
+    for t in range(3):
+        step(stack, jnp.ones((3, 1, 8)) * t)
+    assert np.asarray(stack.blocks.cache_index.value).tolist() == [3, 3]
+    assert {p: n for p, n in names_of(stack.blocks).items() if p[0].startswith("cache")} == expected
+    with pytest.raises(ValueError, match=r"MultiHeadAttention.init_cache\(sharding=\('batch',\)\)"):
+        nn.init_cache(stack, 3, 6, sharding=("batch",))

@@ -705,7 +705,9 @@ class MultiHeadAttention(Module):
         )
         return self.out(x)
 
-    def init_cache(self, input_shape: tuple[int, ...], dtype: Any = None) -> None:
+    def init_cache(
+        self, input_shape: tuple[int, ...], dtype: Any = None, *, sharding: Names = None
+    ) -> None:
         """Allocate the decoding cache for inputs of shape ``(*batch, max_length, in_features)``.
 
         Creates ``cached_key`` and ``cached_value`` (``Cache`` Variables of
@@ -716,6 +718,18 @@ class MultiHeadAttention(Module):
             input_shape: the shape of the whole sequence the cache will hold.
             dtype: the cache's dtype (default: the compute ``dtype``, or
                 float32 when that is None).
+            sharding: logical axis names of ``cached_key``/``cached_value``,
+                one per dimension of ``(*batch, max_length, num_kv_heads,
+                head_dim)``, e.g. ``("batch", None, "heads", "kv")``; the
+                scalar ``cache_index`` is then named ``()``. Default None: no
+                names (replicated).
+
+        Example:
+            >>> from toylib import nn
+            >>> attn = nn.MultiHeadAttention(2, 8, rngs=0)
+            >>> attn.init_cache((3, 16, 8), sharding=("batch", None, "heads", "kv"))
+            >>> attn.cached_key.sharding, attn.cache_index.sharding
+            (('batch', None, 'heads', 'kv'), ())
         """
         input_shape = tuple(input_shape)
         if len(input_shape) < 2 or input_shape[-1] != self.in_features:
@@ -723,9 +737,18 @@ class MultiHeadAttention(Module):
         if dtype is None:
             dtype = jnp.float32 if self.dtype is None else self.dtype
         shape = (*input_shape[:-1], self.num_kv_heads, self.head_dim)
-        self.cached_key = Cache(jnp.zeros(shape, dtype))
-        self.cached_value = Cache(jnp.zeros(shape, dtype))
-        self.cache_index = Cache(jnp.zeros((), jnp.int32))
+        names = check_names(
+            sharding,
+            shape,
+            layer="MultiHeadAttention.init_cache",
+            variable="cached_key",
+            argument="sharding",
+        )
+        metadata = {} if names is None else {"sharding": names}
+        self.cached_key = Cache(jnp.zeros(shape, dtype), **metadata)
+        self.cached_value = Cache(jnp.zeros(shape, dtype), **metadata)
+        index = {} if names is None else {"sharding": ()}
+        self.cache_index = Cache(jnp.zeros((), jnp.int32), **index)
 
     def _check_input(self, x: Array, features: int, name: str) -> None:
         check_features(self, x.shape, features, name=name)

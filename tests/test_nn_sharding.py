@@ -184,6 +184,9 @@ CASES = _cases()
 # carry the names), parameter-free layers, and EMA (a copy of a model, which
 # keeps that model's names: test_ema_keeps_the_names).
 NO_WEIGHTS = {"Sequential", "Stack", "Dropout", "Identity", "MaxPool", "AvgPool", "RNN", "EMA"}
+# The named-axis layers (toylib/nn/named.py) hold tl.nx NamedArrays, which
+# carry their own axis names; they take no *_sharding= arguments (yet).
+NAMED_AXES = {"NamedLinear", "NamedMultiHeadAttention"}
 
 
 def names_of(model):
@@ -201,7 +204,7 @@ def test_every_layer_with_weights_is_covered():
         for name in nn.__all__
         if inspect.isclass(getattr(nn, name)) and issubclass(getattr(nn, name), tl.Module)
     }
-    assert layers == set(CASES) | NO_WEIGHTS
+    assert layers == set(CASES) | NO_WEIGHTS | NAMED_AXES
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -662,3 +665,51 @@ def test_placement_is_cut_and_restored(spec, inside_spec):
     assert inside == [(("embed", "mlp"), inside_spec)] * 2
     assert holder.w.metadata == before
     assert holder.w.placement.spec == spec
+
+
+def test_a_variable_mapped_on_its_own_along_another_axis():
+    w = tl.Param(jnp.ones((3, 2, 5)), sharding=("embed", "layers", "mlp"))
+    seen = []
+
+    def double(v):
+        seen.append(v.sharding)
+        v.value = v.value * 2
+
+    tl.vmap(double, in_axes=1)(w)
+    step = tl.jit(lambda v: tl.vmap(double, in_axes=1)(v))
+    step(w)
+    step(w)
+
+    def body(carry, v):
+        double(v)
+        return carry, None
+
+    tl.scan(body, in_axes=(tl.Carry, 1))(jnp.zeros(()), w)
+    assert seen == [("embed", "mlp")] * 3  # eager, traced once under tl.jit, the scan body
+    assert w.sharding == ("embed", "layers", "mlp")
+    np.testing.assert_allclose(np.asarray(w.value), 16.0)
+
+
+def test_kv_cache_names_survive_decoding_in_a_stack():
+    stack = nn.Stack(
+        lambda r: nn.MultiHeadAttention(
+            2, 8, kernel_sharding=("embed", "heads", "kv"), causal=True, rngs=r
+        ),
+        2,
+        rngs=0,
+    )
+    names = ("batch", None, "heads", "kv")
+    nn.set_decode(nn.init_cache(stack, 3, 6, sharding=names))
+    expected = {
+        ("cached_key",): ("layers", *names),
+        ("cached_value",): ("layers", *names),
+        ("cache_index",): ("layers",),
+    }
+    assert {p: n for p, n in names_of(stack.blocks).items() if p[0].startswith("cache")} == expected
+    step = tl.jit(lambda model, token: model(token))
+    for t in range(3):
+        step(stack, jnp.ones((3, 1, 8)) * t)
+    assert np.asarray(stack.blocks.cache_index.value).tolist() == [3, 3]
+    assert {p: n for p, n in names_of(stack.blocks).items() if p[0].startswith("cache")} == expected
+    with pytest.raises(ValueError, match=r"MultiHeadAttention.init_cache\(sharding=\('batch',\)\)"):
+        nn.init_cache(stack, 3, 6, sharding=("batch",))

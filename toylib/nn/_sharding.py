@@ -64,6 +64,7 @@ def check_names(
         ValueError: Linear(kernel_sharding=('embed',)): `kernel` has shape (4, 8) (2 dimensions),
         so it takes 2 logical names, one per dimension; got 1.
         Fix: give one name (a str, or None) per dimension, e.g. `kernel_sharding=('embed', None)`.
+        <BLANKLINE>
     """
     if names is None:
         return None

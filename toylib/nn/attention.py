@@ -606,20 +606,28 @@ class MultiHeadAttention(Module):
             "kernel_init": kernel_init if out_kernel_init is None else out_kernel_init,
             "bias_init": bias_init if out_bias_init is None else out_bias_init,
         }
-        q_names = dict(
-            kernel_sharding=names["kernel_sharding"], bias_sharding=names["bias_sharding"]
+        self.query = ProjectHeads(
+            in_features,
+            num_heads,
+            head_dim,
+            **common,
+            kernel_sharding=names["kernel_sharding"],
+            bias_sharding=names["bias_sharding"],
         )
-        kv_names = dict(
+        kv_names: dict[str, Any] = dict(
             kernel_sharding=names["kv_kernel_sharding"], bias_sharding=names["kv_bias_sharding"]
         )
-        out_names = dict(
-            kernel_sharding=names["out_kernel_sharding"], bias_sharding=names["out_bias_sharding"]
-        )
-        self.query = ProjectHeads(in_features, num_heads, head_dim, **common, **q_names)
         self.key = ProjectHeads(in_kv_features, num_kv_heads, head_dim, **common, **kv_names)
         self.value = ProjectHeads(in_kv_features, num_kv_heads, head_dim, **common, **kv_names)
-        self.out = MergeHeads(num_heads, head_dim, out_features, **out, **out_names)
-        norm = dict(
+        self.out = MergeHeads(
+            num_heads,
+            head_dim,
+            out_features,
+            **out,
+            kernel_sharding=names["out_kernel_sharding"],
+            bias_sharding=names["out_bias_sharding"],
+        )
+        norm: dict[str, Any] = dict(
             use_bias=False,
             dtype=dtype,
             param_dtype=param_dtype,
@@ -697,7 +705,9 @@ class MultiHeadAttention(Module):
         )
         return self.out(x)
 
-    def init_cache(self, input_shape: tuple[int, ...], dtype: Any = None) -> None:
+    def init_cache(
+        self, input_shape: tuple[int, ...], dtype: Any = None, *, sharding: Names = None
+    ) -> None:
         """Allocate the decoding cache for inputs of shape ``(*batch, max_length, in_features)``.
 
         Creates ``cached_key`` and ``cached_value`` (``Cache`` Variables of
@@ -708,6 +718,18 @@ class MultiHeadAttention(Module):
             input_shape: the shape of the whole sequence the cache will hold.
             dtype: the cache's dtype (default: the compute ``dtype``, or
                 float32 when that is None).
+            sharding: logical axis names of ``cached_key``/``cached_value``,
+                one per dimension of ``(*batch, max_length, num_kv_heads,
+                head_dim)``, e.g. ``("batch", None, "heads", "kv")``; the
+                scalar ``cache_index`` is then named ``()``. Default None: no
+                names (replicated).
+
+        Example:
+            >>> from toylib import nn
+            >>> attn = nn.MultiHeadAttention(2, 8, rngs=0)
+            >>> attn.init_cache((3, 16, 8), sharding=("batch", None, "heads", "kv"))
+            >>> attn.cached_key.sharding, attn.cache_index.sharding
+            (('batch', None, 'heads', 'kv'), ())
         """
         input_shape = tuple(input_shape)
         if len(input_shape) < 2 or input_shape[-1] != self.in_features:
@@ -715,9 +737,18 @@ class MultiHeadAttention(Module):
         if dtype is None:
             dtype = jnp.float32 if self.dtype is None else self.dtype
         shape = (*input_shape[:-1], self.num_kv_heads, self.head_dim)
-        self.cached_key = Cache(jnp.zeros(shape, dtype))
-        self.cached_value = Cache(jnp.zeros(shape, dtype))
-        self.cache_index = Cache(jnp.zeros((), jnp.int32))
+        names = check_names(
+            sharding,
+            shape,
+            layer="MultiHeadAttention.init_cache",
+            variable="cached_key",
+            argument="sharding",
+        )
+        metadata = {} if names is None else {"sharding": names}
+        self.cached_key = Cache(jnp.zeros(shape, dtype), **metadata)
+        self.cached_value = Cache(jnp.zeros(shape, dtype), **metadata)
+        index = {} if names is None else {"sharding": ()}
+        self.cache_index = Cache(jnp.zeros((), jnp.int32), **index)
 
     def _check_input(self, x: Array, features: int, name: str) -> None:
         check_features(self, x.shape, features, name=name)

@@ -6,6 +6,7 @@ from typing import Any
 
 from toylib._core.graph import iter_modules
 from toylib._core.module import Module
+from toylib.nn._sharding import Names
 from toylib.nn.attention import MultiHeadAttention
 from toylib.nn.containers import Stack
 from toylib.transforms.batching import vmap
@@ -26,7 +27,12 @@ Fix: pass the model that holds the attention layers (nn.MultiHeadAttention has o
 
 
 def init_cache(
-    model: Module, batch: int | tuple[int, ...], max_length: int, *, dtype: Any = None
+    model: Module,
+    batch: int | tuple[int, ...],
+    max_length: int,
+    *,
+    dtype: Any = None,
+    sharding: Names = None,
 ) -> Module:
     """Allocate a fresh KV cache in every ``MultiHeadAttention`` of ``model``.
 
@@ -43,6 +49,12 @@ def init_cache(
         max_length: positions each cache holds (prompt + generated tokens).
         dtype: the caches' dtype (default: each layer's compute dtype, or
             float32).
+        sharding: logical axis names of every cache, one per dimension of
+            ``(*batch, max_length, num_kv_heads, head_dim)``, e.g.
+            ``("batch", None, "heads", "kv")`` (see
+            ``MultiHeadAttention.init_cache``); inside ``nn.Stack`` the
+            stacked caches get the stack's name in front, as its weights do.
+            Default None: no names.
 
     Returns:
         ``model``, changed in place.
@@ -54,14 +66,20 @@ def init_cache(
         >>> model = nn.set_decode(nn.init_cache(nn.Sequential(attn), 3, 16))
         >>> attn.cached_key.value.shape, model(jnp.ones((3, 4, 8))).shape, int(attn.cache_index)
         ((3, 16, 2, 4), (3, 4, 8), 4)
+        >>> stack = nn.Stack(lambda r: nn.MultiHeadAttention(2, 8, causal=True, rngs=r), 2, rngs=0)
+        >>> _ = nn.init_cache(stack, 3, 16, sharding=("batch", None, "heads", "kv"))
+        >>> stack.blocks.cached_key.sharding, stack.blocks.cache_index.sharding
+        (('layers', 'batch', None, 'heads', 'kv'), ('layers',))
     """
     batch = (batch,) if isinstance(batch, int) else tuple(batch)
-    if not _init_cache(model, batch, max_length, dtype):
+    if not _init_cache(model, batch, max_length, dtype, sharding):
         raise ValueError(NO_ATTENTION.format(kind=type(model).__name__))
     return model
 
 
-def _init_cache(model: Module, batch: tuple[int, ...], max_length: int, dtype: Any) -> int:
+def _init_cache(
+    model: Module, batch: tuple[int, ...], max_length: int, dtype: Any, sharding: Names
+) -> int:
     """Allocate the caches under ``model``; return how many layers got one."""
     found = 0
     inside: list[tuple[Any, ...]] = []  # paths of Stacks already handled (with their blocks)
@@ -71,12 +89,13 @@ def _init_cache(model: Module, batch: tuple[int, ...], max_length: int, dtype: A
         if isinstance(module, Stack):
             inside.append(path)
             # Allocated per block, as the blocks were built: under vmap.
-            vmap(lambda blocks: _init_cache(blocks, batch, max_length, dtype) and None)(
-                module.blocks
-            )
+            vmap(
+                lambda blocks: _init_cache(blocks, batch, max_length, dtype, sharding) and None,
+                stacked_name=module.stacked_name,
+            )(module.blocks)
             found += sum(isinstance(m, MultiHeadAttention) for _, m in iter_modules(module))
         elif isinstance(module, MultiHeadAttention):
-            module.init_cache((*batch, max_length, module.in_features), dtype)
+            module.init_cache((*batch, max_length, module.in_features), dtype, sharding=sharding)
             found += 1
     return found
 

@@ -401,6 +401,7 @@ Fix: e.g. `stacked_name="layers"` (the default).
 
 
 def check_stacked_name(value: Any, caller: str) -> None:
+    """Raise BAD_STACKED_NAME unless ``value`` is a str or None (``nn.Stack`` checks its own)."""
     if value is not None and not isinstance(value, str):
         raise TypeError(BAD_STACKED_NAME.format(caller=caller, value=value))
 

@@ -325,12 +325,12 @@ class NamedMultiHeadAttention(Module):
             rngs=rngs,
         )
         # Checked here too, so that an error names this layer's own argument.
-        projection, out = (in_features, num_heads, head_dim), (num_heads, head_dim, out_features)
+        projection, output = (in_features, num_heads, head_dim), (num_heads, head_dim, out_features)
         for argument, names, shape, variable in [
             ("kernel_sharding", kernel_sharding, projection, "query.kernel"),
             ("bias_sharding", bias_sharding, projection[1:], "query.bias"),
-            ("out_kernel_sharding", out_kernel_sharding, out, "out.kernel"),
-            ("out_bias_sharding", out_bias_sharding, out[2:], "out.bias"),
+            ("out_kernel_sharding", out_kernel_sharding, output, "out.kernel"),
+            ("out_bias_sharding", out_bias_sharding, output[2:], "out.bias"),
         ]:
             check_names(names, shape, layer=self, variable=variable, argument=argument)
         heads = {"heads": num_heads, "head_dim": head_dim}

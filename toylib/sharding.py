@@ -564,7 +564,10 @@ def use(mesh: Mesh, rules: Rules | None = None) -> Iterator[Mesh]:
 
     Also enters JAX's own mesh context (``jax.set_mesh``), so bare
     ``PartitionSpec``s work below it too. Per thread: another thread does not
-    see this thread's defaults.
+    see this thread's defaults. The defaults are read when a function is
+    traced: JAX traces anew under another mesh, but a ``tl.jit`` function
+    traced under other rules with the same mesh keeps those (pass ``rules=``
+    explicitly where they vary).
 
     Arguments:
         mesh: the device mesh.

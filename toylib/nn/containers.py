@@ -15,7 +15,8 @@ from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
 from toylib.nn._sharding import Names
 from toylib.nn.linear import Linear
-from toylib.transforms.batching import Carry, check_stacked_name, scan, vmap
+from toylib.transforms.batching import Carry, scan, vmap
+from toylib.transforms.stacking import check_stacked_name
 
 __all__ = ["MLP", "Sequential", "Stack"]
 

@@ -20,7 +20,6 @@ from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 
 from toylib._core import graph
 from toylib._core.filters import check_catch_all_last, filter_repr, to_predicate
@@ -42,6 +41,7 @@ from toylib.transforms.lifting import (
     unflatten_call,
     write_back,
 )
+from toylib.transforms.stacking import check_stacked_name, named_leaves, restack, strip_axis
 
 __all__ = ["Carry", "Scanned", "StateAxes", "Vmapped", "scan", "vmap"]
 
@@ -382,135 +382,6 @@ def _raise_two_axes(flat: Flat, reach: dict, there: tuple, here: tuple, caller: 
     )
 
 
-# -- logical names of the stacked axis ------------------------------------------------------
-# A Variable's `sharding` metadata names each of its dimensions (and its
-# `placement`, a NamedSharding, places each). Inside tl.vmap / tl.scan a
-# mapped Variable has one dimension fewer, so its names must too: otherwise
-# a layer that reads them (or tl.sharding, inside the body) would see one
-# name too many. The entry of the mapped axis is taken out on the way in and
-# put back on the way out, and a Variable that comes out with a new axis (a
-# vmapped constructor) gets `stacked_name` there.
-
-SHARDING, PLACEMENT = "sharding", "placement"
-
-BAD_STACKED_NAME = """\
-{caller}: stacked_name={value!r}; expected the logical axis name (a str) given to the
-stacked axis of Variables that have sharding names, or None to leave names alone.
-Fix: e.g. `stacked_name="layers"` (the default).
-"""
-
-
-def check_stacked_name(value: Any, caller: str) -> None:
-    """Raise BAD_STACKED_NAME unless ``value`` is a str or None (``nn.Stack`` checks its own)."""
-    if value is not None and not isinstance(value, str):
-        raise TypeError(BAD_STACKED_NAME.format(caller=caller, value=value))
-
-
-def _named_leaves(flat: Flat, axes: list[Any]) -> list[tuple[int, int, int]]:
-    """``(node number, axis, ndim)`` of the input Variables with names and a mapped axis.
-
-    Found outside the trace, once per call; most calls have none (no
-    metadata), and then nothing is done inside.
-    """
-    number: dict[int, int] | None = None
-    found = []
-    for leaf, value, axis in zip(flat.leaves, flat.values, axes, strict=True):
-        ndim = getattr(value, "ndim", None)
-        if not (_is_int(axis) and ndim and isinstance(leaf, Variable) and leaf._metadata):
-            continue
-        if SHARDING in leaf._metadata or PLACEMENT in leaf._metadata:
-            if number is None:
-                number = {id(node): n for n, node in enumerate(flat.nodes)}
-            found.append((number[id(leaf)], axis, ndim))
-    return found
-
-
-def _strip_axis(inside: dict[int, Any], named: list[tuple[int, int, int]]) -> dict[int, dict]:
-    """Take the mapped axis's entry out of the names of the inside Variables in ``named``.
-
-    Returns ``{id(inside Variable): {metadata name: the entry taken}}``, to
-    put the same entries back on the way out.
-    """
-    taken: dict[int, dict] = {}
-    for n, axis, ndim in named:
-        variable = inside[n]
-        position = axis % ndim
-        metadata, removed = dict(variable._metadata), {}
-        names = metadata.get(SHARDING)
-        if isinstance(names, tuple) and len(names) == ndim:
-            removed[SHARDING] = names[position]
-            metadata[SHARDING] = names[:position] + names[position + 1 :]
-        placement = metadata.get(PLACEMENT)
-        if isinstance(placement, NamedSharding):
-            metadata[PLACEMENT], removed[PLACEMENT] = _spec_without(placement, position)
-        if removed:
-            object.__setattr__(variable, "_metadata", metadata)
-            taken[id(variable)] = removed
-    return taken
-
-
-def _restack(
-    pairs: list[tuple[Path, Any]],
-    axis_of: Callable[[int, Path, Any], Any],
-    taken: dict[int, dict],
-    stacked_name: str,
-) -> bool:
-    """Put the stacked axis back into the names of the Variables that leave with one.
-
-    ``axis_of(k, path, leaf)`` is the axis leaf ``k`` leaves with. A Variable
-    whose names describe its slice (as many as the slice's dimensions) gets
-    the entry taken on the way in, or ``stacked_name`` if it had none (it
-    was made inside, or named inside). Returns whether anything changed.
-    """
-    changed_any = False
-    for k, (path, leaf) in enumerate(pairs):
-        if not (isinstance(leaf, Variable) and leaf._metadata):
-            continue
-        names, placement = leaf._metadata.get(SHARDING), leaf._metadata.get(PLACEMENT)
-        if names is None and placement is None:
-            continue
-        ndim = getattr(leaf._value, "ndim", None)
-        axis = axis_of(k, path, leaf)
-        if ndim is None or not _is_int(axis):
-            continue
-        position = axis % (ndim + 1)
-        removed = taken.get(id(leaf), {})
-        metadata = dict(leaf._metadata)
-        if isinstance(names, tuple) and len(names) == ndim:
-            entry = removed.get(SHARDING, stacked_name)
-            metadata[SHARDING] = (*names[:position], entry, *names[position:])
-        if isinstance(placement, NamedSharding) and len(placement.spec) <= ndim:
-            # A Variable made inside gets None: replicated along the new axis.
-            metadata[PLACEMENT] = _spec_with(placement, position, removed.get(PLACEMENT))
-        if metadata != leaf._metadata:
-            object.__setattr__(leaf, "_metadata", metadata)
-            changed_any = True
-    return changed_any
-
-
-# A PartitionSpec may be shorter than the array (the missing trailing entries
-# are None), and P("a") is not equal to P("a", None): the spec is only
-# spliced where it has entries, so that a round trip gives back an equal one.
-
-
-def _spec_without(sharding: NamedSharding, position: int) -> tuple[NamedSharding, Any]:
-    """``sharding`` without the entry for dimension ``position``, and that entry."""
-    spec = tuple(sharding.spec)
-    if position >= len(spec):
-        return sharding, None
-    rest = spec[:position] + spec[position + 1 :]
-    return sharding.update(spec=PartitionSpec(*rest)), spec[position]
-
-
-def _spec_with(sharding: NamedSharding, position: int, entry: Any) -> NamedSharding:
-    """``sharding`` with ``entry`` for a new dimension at ``position``."""
-    spec = tuple(sharding.spec)
-    if entry is None and position >= len(spec):
-        return sharding
-    spec += (None,) * (position - len(spec))
-    return sharding.update(spec=PartitionSpec(*spec[:position], entry, *spec[position:]))
-
-
 # -- vmap -------------------------------------------------------------------------------------
 
 
@@ -546,7 +417,7 @@ class Vmapped(Transform[P, R]):
         axes = _leaf_axes(flat, specs, self.label)
         _check_one_axis(flat, specs, self.label)
         groups = self._groups(axes, specs)
-        named = _named_leaves(flat, axes) if self._stacked_name is not None else []
+        named = named_leaves(flat, axes) if self._stacked_name is not None else []
         record: list[tuple[OutSpec, list[int]]] = []
 
         # A one-argument closure under the user's name, not a partial: jax
@@ -601,7 +472,7 @@ class Vmapped(Transform[P, R]):
     ) -> tuple:
         """The function jax.vmap traces: the returned values, grouped by their axis."""
         args, kwargs, tops, inside = unflatten_call(flat.layout, flat.paths, values)
-        taken = _strip_axis(inside, named) if named else {}
+        taken = strip_axis(inside, named) if named else {}
         out = call_inside(self.label, self._fn, args, kwargs)
         spec, returned, pairs = flatten_result(
             flat.layout, flat.position, tops, out, inside, values
@@ -617,7 +488,7 @@ class Vmapped(Transform[P, R]):
                 return out_axis[path[1]]
             return _returned_axis(flat, specs, axes, input_leaf, path, leaf, self.label)
 
-        if self._stacked_name is not None and _restack(pairs, axis_of, taken, self._stacked_name):
+        if self._stacked_name is not None and restack(pairs, axis_of, taken, self._stacked_name):
             # The names are part of the structure: flatten again to record them.
             spec, returned, pairs = flatten_result(
                 flat.layout, flat.position, tops, out, inside, values
@@ -856,7 +727,7 @@ class Scanned(Transform):
         _check_one_axis(flat, specs, self.label)
         carried = [i for i, axis in enumerate(axes) if _is_carried(axis)]
         scanned = [i for i, axis in enumerate(axes) if not _is_carried(axis)]
-        named = _named_leaves(flat, axes) if self._stacked_name is not None else []
+        named = named_leaves(flat, axes) if self._stacked_name is not None else []
         record: list[tuple[OutSpec, list]] = []
         body = functools.partial(self._body, flat, axes, carried, scanned, carry_arg, named, record)
         try:
@@ -890,7 +761,7 @@ class Scanned(Transform):
         """The loop body lax.scan traces: ``(next carry, values stacked per step)``."""
         values = interleave(len(flat.values), (carried, carry), (scanned, xs))
         args, _, tops, inside = unflatten_call(flat.layout, flat.paths, values)
-        taken = _strip_axis(inside, named) if named else {}
+        taken = strip_axis(inside, named) if named else {}
         out = call_inside(self.label, self._fn, args, {})
         new_carry, ys = _split_output(out, self.out_axes)
         if carry_arg:
@@ -915,7 +786,7 @@ class Scanned(Transform):
             return None if i is None else axes[i]
 
         spec, returned, pairs = flatten()
-        if self._stacked_name is not None and _restack(pairs, axis_of, taken, self._stacked_name):
+        if self._stacked_name is not None and restack(pairs, axis_of, taken, self._stacked_name):
             spec, returned, pairs = flatten()  # the names are structure: record them
         if not spec.same_structure:
             raise ValueError(SCAN_STRUCTURE)

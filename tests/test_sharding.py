@@ -353,3 +353,22 @@ def test_a_variable_holding_a_named_array_is_placed_by_its_array():
     step(model, opt, jnp.ones((4, 8)))
     assert model.w.value.array.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "model")), 2)
     assert isinstance(model.w.value, tl.nx.NamedArray)
+
+
+def test_resharding_between_steps_moves_the_state_and_the_step_follows():
+    # The placement is structure: shard() onto another mesh drops tl.jit's
+    # recorded fast path, and the next step keeps the new placement (not the
+    # one the first program was compiled with).
+    first, second = auto_mesh((2, 4)), auto_mesh((4, 2))
+    model = tl.sharding.init(lambda: MLP(tl.Rngs(0)), first, RULES)
+    opt = tl.Optimizer(model, optax.adam(1e-2))
+    xs = [rand(i, 8, 16) for i in range(4)]
+    losses = _train(model, opt, xs[:2], steps=2)
+    tl.sharding.shard((model, opt), second, RULES)
+    losses += _train(model, opt, xs[2:], steps=2)
+    want = NamedSharding(second, P(None, "model"))
+    assert model.l1.kernel.value.sharding.is_equivalent_to(want, 2)
+    assert opt.opt_state[0][1]["l1"]["kernel"].value.sharding.is_equivalent_to(want, 2)
+    plain = MLP(tl.Rngs(0))
+    single = _train(plain, tl.Optimizer(plain, optax.adam(1e-2)), xs, steps=4)
+    np.testing.assert_allclose(losses, single, rtol=1e-5, atol=1e-6)

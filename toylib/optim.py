@@ -21,7 +21,14 @@ from toylib._core.graph import flatten, parent_of, tree_leaf_paths, write_all
 from toylib._core.module import Module
 from toylib._core.paths import Path, first_few, format_path, list_paths, sorted_keys
 from toylib._core.state import State
-from toylib._core.variables import Param, Variable, checked_value, spec_text, unwrap
+from toylib._core.variables import (
+    Param,
+    Variable,
+    checked_value,
+    new_variable,
+    spec_text,
+    unwrap,
+)
 from toylib.sharding import place
 
 __all__ = ["OptState", "Optimizer"]
@@ -241,7 +248,8 @@ class Optimizer(Module):
         order = tuple(slot.value for slot in slots)
         if sorted(order) != list(range(len(leaves))):  # every leaf stored exactly once
             raise RuntimeError(f"tl.Optimizer: cannot store this optax state ({treedef}).")
-        places, names = _placements(state, params_state), _names(state, params_state)
+        live = State.from_flat(params)  # the live Variables, in params_state's order
+        places, names = _placements(state, params_state, live), _names(state, params_state, live)
         for slot, position in zip(slots, order, strict=True):
             slot.value = leaves[position]
             if names[position] is not None and len(names[position]) == jnp.ndim(slot.value):
@@ -372,7 +380,7 @@ class Optimizer(Module):
                 total = values[0]
                 for value in values[1:]:  # a tied Variable, reached along several paths
                     total = total + value
-                out.append((path, param.replace(value=total) if _is_variable(param) else total))
+                out.append((path, _unplaced(param, total) if _is_variable(param) else total))
         if problems:
             details = first_few((f"  `{format_path(p)}`: {t}" for p, t, _ in problems), lines=True)
             path, _, fix = problems[0]
@@ -394,14 +402,14 @@ def _placement(param: Any) -> NamedSharding | None:
     return None
 
 
-def _placements(state: Any, params: State) -> list[NamedSharding | None]:
+def _placements(state: Any, params: State, live: State) -> list[NamedSharding | None]:
     """For each leaf of optax's ``state``: where to place it (None: leave it).
 
     A subtree with the parameters' structure (Adam's moments) is placed
     leaf by leaf like the parameters; anything else (counts, scalars) is
     replicated on their mesh. Nothing is placed when no parameter is.
     """
-    places = [_placement(p) for p in jax.tree.leaves(params, is_leaf=_is_variable)]
+    places = [_placement(p) for p in jax.tree.leaves(live, is_leaf=_is_variable)]
     meshes = [p for p in places if p is not None]
     if not meshes:
         return [None] * len(jax.tree.leaves(state))
@@ -409,7 +417,7 @@ def _placements(state: Any, params: State) -> list[NamedSharding | None]:
     return _like_params(state, params, [p or replicated for p in places], replicated)
 
 
-def _names(state: Any, params: State) -> list[tuple | None]:
+def _names(state: Any, params: State, live: State) -> list[tuple | None]:
     """For each leaf of optax's ``state``: the logical sharding names of its parameter.
 
     So ``tl.sharding.specs``/``shard``/``abstract`` place the moments like
@@ -417,7 +425,7 @@ def _names(state: Any, params: State) -> list[tuple | None]:
     """
     names = [
         p.get_metadata("sharding", None) if _is_variable(p) else None
-        for p in jax.tree.leaves(params, is_leaf=_is_variable)
+        for p in jax.tree.leaves(live, is_leaf=_is_variable)
     ]
     return _like_params(state, params, names, None)
 
@@ -460,7 +468,17 @@ def _slots(storage: Any) -> list[Any]:
 
 def _as_state(params: list[tuple[Path, Any]]) -> State:
     """The params as optax sees them: ``tl.state``'s layout, with copies of the Variables."""
-    return State.from_flat((p, v.copy() if _is_variable(v) else v) for p, v in params)
+    return State.from_flat((p, _unplaced(v, v.value) if _is_variable(v) else v) for p, v in params)
+
+
+def _unplaced(param: Variable, value: Any) -> Variable:
+    """A copy of ``param`` holding ``value``, without the record of where it was placed.
+
+    The placement (``tl.sharding``) says where the values live, not what the
+    parameters are: moving the model to another mesh keeps its optimizer.
+    """
+    metadata = {k: v for k, v in param._metadata.items() if k != "placement"}
+    return new_variable(type(param), unwrap(value), metadata)
 
 
 def _to_storage(node: Any) -> Any:

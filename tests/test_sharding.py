@@ -375,3 +375,12 @@ def test_resharding_between_steps_moves_the_state_and_the_step_follows():
     plain = MLP(tl.Rngs(0))
     single = _train(plain, tl.Optimizer(plain, optax.adam(1e-2)), xs, steps=4)
     np.testing.assert_allclose(losses, single, rtol=1e-5, atol=1e-6)
+
+
+def test_in_shardings_for_a_static_argument_is_an_error():
+    mesh = auto_mesh()
+    f = tl.jit(lambda x, n: x * n, in_shardings=(None, NamedSharding(mesh, P())))
+    with pytest.raises(
+        ValueError, match=r"in_shardings\[1\] is a NamedSharding, but args\[1\] holds no array"
+    ):
+        f(jnp.ones(4), 3)

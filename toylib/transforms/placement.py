@@ -41,6 +41,12 @@ argument(s), so entry {first} is for an argument that does not exist.
 Fix: give one entry per positional argument (None for those JAX may place).
 """
 
+NO_ARRAYS = """\
+tl.jit({name}): in_shardings[{arg}] is a {kind}, but args[{arg}] holds no array
+(it is {what}: a static value, which is part of the compiled program, not placed).
+Fix: give None for it, or pass the value as an array.
+"""
+
 NOT_IN_ARGUMENT = """\
 tl.jit({name}): in_shardings[{arg}] gives a sharding for `{where}`, which the
 argument does not have (its leaves: {known}).
@@ -140,7 +146,14 @@ def input_shardings(given: Any, flat: Any, n_args: int, name: str) -> list[Any]:
         keys = (*flat.keypath[top], *path[1:])
         ctx = (name, f"in_shardings[{arg}]", f"args[{arg}]")
         out.append(_descend(given[arg], keys, used[arg], ctx))
+    with_leaves = {flat.origin[path[0]] for path in flat.paths}
     for arg, entry in enumerate(given):  # entries for leaves the arguments lack
+        if entry is not None and arg not in with_leaves:
+            top = _top_of(flat, arg)
+            what = f"a {type(flat.tops[top]).__name__}" if top >= 0 else "None or empty"
+            raise ValueError(
+                NO_ARRAYS.format(name=name, arg=arg, kind=type(entry).__name__, what=what)
+            )
         if _is_end(entry):
             continue
         reached = used[arg]
@@ -158,6 +171,11 @@ def input_shardings(given: Any, flat: Any, n_args: int, name: str) -> list[Any]:
                     )
                 )
     return out
+
+
+def _top_of(flat: Any, arg: int) -> int:
+    """The first top-level leaf of positional argument ``arg`` (-1: it has none, e.g. None)."""
+    return next((t for t, origin in enumerate(flat.origin) if origin == arg), -1)
 
 
 def kept(flat: Any, leaf_in: Sequence[Any]) -> dict[tuple, Any]:

@@ -118,6 +118,12 @@ def main(path: str, saved_by_one: str) -> None:
     rows = batch(data()[0][my_rows()], mesh((2, 4)))
     report(rows=sorted({s.index[0].start for s in rows.addressable_shards}))
 
+    # Built directly sharded in every process (one compiled constructor): the
+    # values shard() placed from each process's full copy.
+    built, placed = tl.sharding.init(MLP, mesh((2, 4)), RULES), make(mesh((2, 4)))[0]
+    pairs = zip(jax.tree.leaves(built), jax.tree.leaves(placed), strict=True)
+    report(init_equals_shard=all(a.sharding == b.sharding and shards_equal(a, b) for a, b in pairs))
+
     model, optimizer, losses = train(mesh((2, 4)))
     report(losses=losses)
     tl.save(path, (model, optimizer))  # every process writes its own shards

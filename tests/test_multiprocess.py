@@ -40,6 +40,7 @@ def test_two_processes_train_as_one_and_their_checkpoint_loads_in_one(tmp_path):
         # Both processes loaded the checkpoint back, onto the saving mesh and onto (4, 2),
         # and loaded the one this process saved.
         assert record["same_mesh"] and record["other_mesh"] and record["from_one"]
+        assert record["init_equals_shard"]  # tl.sharding.init under jax.distributed
         assert record["spec"] == "P(None, 'model')" and record["shard_shapes"] == [[8, 16]]
         # A blob of one process cannot hold the other's shards; one loads onto the mesh.
         assert (

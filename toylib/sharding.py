@@ -64,6 +64,7 @@ from toylib._core.graph import flatten, update
 from toylib._core.paths import Path, format_path
 from toylib._core.state import State
 from toylib._core.variables import Variable, unwrap
+from toylib.transforms.control import eval_shape
 
 __all__ = [
     "Rules",
@@ -286,7 +287,7 @@ def _names(leaf: Any) -> tuple | None:
     return leaf.get_metadata("sharding", None) if isinstance(leaf, Variable) else None
 
 
-def _shape(value: Any) -> tuple[int, ...] | None:
+def shape_of(value: Any) -> tuple[int, ...] | None:
     """The shape names describe: the array's, or that of a pytree's one array (a NamedArray)."""
     shape = getattr(value, "shape", None)
     if shape is None:
@@ -299,7 +300,7 @@ def _resolved(model: Any, mesh: Mesh | None, rules: dict) -> list[tuple[Path, An
     """``(path, leaf, spec)`` for every Variable and bare array of ``model``, checked."""
     _, leaves = flatten(model)
     return [
-        (path, leaf, resolve(_names(leaf), _shape(unwrap(leaf)), rules, mesh, format_path(path)))
+        (path, leaf, resolve(_names(leaf), shape_of(unwrap(leaf)), rules, mesh, format_path(path)))
         for path, leaf in leaves
     ]
 
@@ -528,8 +529,6 @@ def abstract(make: Callable[[], M], mesh: Mesh | None = None, rules: Rules | Non
 
 def _planned(make: Callable[[], M], mesh: Mesh | None, rules: Rules | None, caller: str) -> tuple:
     """``make`` traced abstractly, and every leaf's checked sharding."""
-    from toylib.transforms import eval_shape
-
     mesh, rules = _defaults(mesh, rules, caller)
     if mesh is None:
         raise ValueError(NO_MESH.format(caller=caller))
@@ -623,12 +622,8 @@ def constrain(
     x = unwrap(x)
     if mesh is None:
         return x
-    spec = resolve(names, _shape(x), rules, mesh, f"tl.sharding.constrain(names={names})")
-    return _constrain(x, NamedSharding(mesh, spec))
-
-
-def _constrain(x: Any, sharding: NamedSharding) -> Any:
-    return jax.lax.with_sharding_constraint(x, sharding)
+    spec = resolve(names, shape_of(x), rules, mesh, f"tl.sharding.constrain(names={names})")
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def batch(
@@ -664,13 +659,13 @@ def batch(
     mesh, rules = _defaults(mesh, rules, "tl.sharding.batch")
     if mesh is None:
         raise ValueError(NO_MESH.format(caller="tl.sharding.batch"))
-    shape = _shape(local)
+    one = jax.process_count() == 1
+    # In one process the rows are the whole array, so its sizes are checked
+    # here (toylib's message); in many they are one part, which JAX checks.
     where = f"tl.sharding.batch(names={tuple(names)})"
-    # Checked against the local rows: each process's rows must split evenly
-    # over its own devices along each sharded dimension.
-    spec = resolve(names, None, rules, mesh, where)
-    sharding = NamedSharding(mesh, spec)
-    if jax.process_count() == 1:
-        resolve(names, shape, rules, mesh, where)  # the sizes, with toylib's message
+    sharding = NamedSharding(
+        mesh, resolve(names, shape_of(local) if one else None, rules, mesh, where)
+    )
+    if one:
         return jax.device_put(local, sharding)
     return jax.make_array_from_process_local_data(sharding, np.asarray(local))

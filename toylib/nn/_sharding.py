@@ -18,9 +18,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jax.numpy as jnp
-
 from toylib._core.variables import Param, Variable
+from toylib.sharding import shape_of
 
 __all__ = ["Names", "check_names", "named_variable"]
 
@@ -127,7 +126,8 @@ def named_variable(
         >>> w.sharding, named_variable("Linear", "bias", jnp.ones(3), None).metadata
         (('embed', 'mlp'), {})
     """
+    # The shape names describe: the array's, or a NamedArray's stored array's.
     checked = check_names(
-        names, jnp.shape(value), layer=layer, variable=variable, argument=argument
+        names, shape_of(value) or (), layer=layer, variable=variable, argument=argument
     )
     return kind(value) if checked is None else kind(value, sharding=checked)

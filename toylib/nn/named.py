@@ -23,7 +23,7 @@ from toylib._core.calls import module_path
 from toylib._core.module import Module
 from toylib._core.rngs import Rngs, as_rngs
 from toylib._core.variables import Param
-from toylib.nn._sharding import Names, check_names
+from toylib.nn._sharding import Names, check_names, named_variable
 from toylib.nn.attention import MultiHeadAttention
 from toylib.nn.dtypes import promote_dtype
 from toylib.nn.einsum import LinearGeneral
@@ -137,15 +137,14 @@ class NamedLinear(Module):
         kernel = kernel_init(rngs.params(), dense, param_dtype)
         kernel = jnp.reshape(kernel, (*ins.values(), *outs.values()))
         # The names describe the stored array's axes (those of nx.wrap: all named here).
-        check_names(kernel_sharding, kernel.shape, layer=self, variable="kernel")
-        self.kernel = _param(nx.wrap(kernel, *kernel_in, *kernel_out), kernel_sharding)
+        kernel = nx.wrap(kernel, *kernel_in, *kernel_out)
+        self.kernel = named_variable(self, "kernel", kernel, kernel_sharding)
         self.bias = None
         if use_bias:
             bias = jnp.reshape(
                 bias_init(rngs.params(), (dense[1],), param_dtype), (*outs.values(),)
             )
-            check_names(bias_sharding, bias.shape, layer=self, variable="bias")
-            self.bias = _param(nx.wrap(bias, *outs), bias_sharding)
+            self.bias = named_variable(self, "bias", nx.wrap(bias, *outs), bias_sharding)
         # Tuples of (name, size) pairs: hashable static attributes.
         self.in_axes = tuple(ins.items())
         self.out_axes = tuple(outs.items())
@@ -416,11 +415,6 @@ class NamedMultiHeadAttention(Module):
         weights = weights.astype(value.dtype)
         mixed = nx.nmap(jnp.dot)(weights.untag("kv_seq"), value.untag("kv_seq"))
         return self.out(mixed)
-
-
-def _param(value: nx.NamedArray, names: Any) -> Param:
-    """A Param holding ``value``, with ``sharding`` names when given (checked already)."""
-    return Param(value) if names is None else Param(value, sharding=tuple(names))
 
 
 def _copy_names(source: Any, target: Param) -> None:

@@ -24,6 +24,7 @@ from jax.sharding import AxisType, NamedSharding, Sharding
 from toylib._core.paths import Path, format_path
 from toylib._core.skeleton import is_graph_node
 from toylib._core.variables import Variable
+from toylib.transforms.lifting import plain_key
 
 __all__ = ["check_given", "constrain_returned", "input_shardings", "kept", "output_shardings"]
 
@@ -61,8 +62,9 @@ Fix: give an entry for it (None leaves it to JAX), or one Sharding for the whole
 """
 
 TOO_DEEP = """\
-tl.jit({name}): {which} goes deeper than `{where}`, which is one array: its entry
-there is a {kind}, not a Sharding or None.
+tl.jit({name}): {which} goes deeper than `{where}`, which takes one Sharding
+(an array, or a Module in the output): its entry there is a {kind}, not a
+Sharding or None.
 Fix: give one Sharding (or None) for it.
 """
 
@@ -197,14 +199,8 @@ def output_shardings(given: Any, out: Any, name: str) -> list[Any]:
         return [None] * len(tops)
     result = []
     ctx = (name, "out_shardings", "out")
-    for keypath, top in tops:
-        keys = tuple(getattr(k, "idx", getattr(k, "key", getattr(k, "name", k))) for k in keypath)
-        entry = _descend(given, keys, set(), ctx) if not _is_end(given) else given
-        if entry is not None and is_graph_node(top) and not isinstance(entry, Sharding):
-            raise ValueError(
-                TOO_DEEP.format(name=name, which="out_shardings", where="out", kind="State")
-            )
-        result.append(entry)
+    for keypath, _ in tops:  # a Module output is one top: it takes one Sharding
+        result.append(_descend(given, tuple(plain_key(k) for k in keypath), set(), ctx))
     return result
 
 

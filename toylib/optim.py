@@ -22,10 +22,12 @@ from toylib._core.module import Module
 from toylib._core.paths import Path, first_few, format_path, list_paths, sorted_keys
 from toylib._core.state import State
 from toylib._core.variables import (
+    PLACEMENT,
     Param,
     Variable,
     checked_value,
     new_variable,
+    placement_of,
     spec_text,
     unwrap,
 )
@@ -394,8 +396,8 @@ class Optimizer(Module):
 
 def _placement(param: Any) -> NamedSharding | None:
     """Where a parameter was placed: by tl.sharding, or (on a mesh) by the user."""
-    if isinstance(param, Variable) and param.get_metadata("placement", None) is not None:
-        return param.get_metadata("placement")
+    if placement_of(param) is not None:
+        return placement_of(param)
     sharding = getattr(unwrap(param), "sharding", None)
     if isinstance(sharding, NamedSharding) and len(sharding.device_set) > 1:
         return sharding
@@ -477,7 +479,7 @@ def _unplaced(param: Variable, value: Any) -> Variable:
     The placement (``tl.sharding``) says where the values live, not what the
     parameters are: moving the model to another mesh keeps its optimizer.
     """
-    metadata = {k: v for k, v in param._metadata.items() if k != "placement"}
+    metadata = {k: v for k, v in param._metadata.items() if k != PLACEMENT}
     return new_variable(type(param), unwrap(value), metadata)
 
 

@@ -63,7 +63,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from toylib._core.graph import flatten, update
 from toylib._core.paths import Path, format_path
 from toylib._core.state import State
-from toylib._core.variables import Variable, unwrap
+from toylib._core.variables import PLACEMENT, Variable, placement_of, unwrap
 from toylib.transforms.control import eval_shape
 
 __all__ = [
@@ -92,7 +92,6 @@ Example:
     P(None, ('data', 'model'))
 """
 
-PLACEMENT = "placement"  # the Variable metadata recording where shard/init put it
 
 UNMAPPED = """\
 {where}: the logical name {name!r} (names {names}) has no rule.
@@ -408,7 +407,7 @@ def place(value: Any, sharding: NamedSharding) -> Any:
 
 
 def _record(leaf: Any, sharding: NamedSharding) -> None:
-    if leaf.get_metadata(PLACEMENT, None) != sharding:
+    if placement_of(leaf) != sharding:
         leaf.set_metadata(**{PLACEMENT: sharding})
 
 

@@ -37,7 +37,9 @@ from toylib._core.watchers import changed
 
 __all__ = [
     "BatchStat",
+    "PLACEMENT",
     "checked_value",
+    "placement_of",
     "spec_text",
     "unwrap",
     "Cache",
@@ -80,6 +82,17 @@ _KEEP = object()
 def unwrap(x: Any) -> Any:
     """The value of a Variable; anything else as it is."""
     return x._value if isinstance(x, Variable) else x
+
+
+# The metadata in which tl.sharding records where it placed a Variable (a
+# NamedSharding): tl.jit keeps new values there, tl.Optimizer places its state
+# there, tl.load reads an abstract like's arrays there.
+PLACEMENT = "placement"
+
+
+def placement_of(x: Any) -> Any:
+    """Where ``tl.sharding`` placed a Variable (a NamedSharding), or None."""
+    return x._metadata.get(PLACEMENT) if isinstance(x, Variable) else None
 
 
 class Variable:

@@ -16,7 +16,7 @@ import numpy as np
 from toylib._core import graph
 from toylib._core.paths import first_few, format_path
 from toylib._core.skeleton import is_array, is_graph_node
-from toylib._core.variables import Variable, unwrap
+from toylib._core.variables import placement_of, unwrap
 from toylib.transforms.lifting import plain_key
 
 Key = tuple[Any, ...]
@@ -97,7 +97,7 @@ class Flat:
             self.value_defs.append(value_def)
             self.counts.append(len(parts))
             # A Variable holding one array may record where it belongs (tl.sharding).
-            recorded = _recorded(leaf) if len(parts) == 1 else None
+            recorded = placement_of(leaf) if len(parts) == 1 else None
             self.entries += [
                 ((*base, *map(plain_key, sub)), _with_recorded(x, recorded)) for sub, x in parts
             ]
@@ -119,10 +119,6 @@ class Flat:
         for position in self.direct:
             tops[position] = next(take)
         return jax.tree_util.tree_unflatten(self.treedef, tops)
-
-
-def _recorded(leaf: Any) -> Any:
-    return leaf.get_metadata("placement", None) if isinstance(leaf, Variable) else None
 
 
 def _with_recorded(x: Any, recorded: Any) -> Any:

@@ -23,7 +23,7 @@ from jax.sharding import AxisType, NamedSharding, Sharding
 
 from toylib._core.paths import Path, format_path
 from toylib._core.skeleton import is_graph_node
-from toylib._core.variables import Variable
+from toylib._core.variables import Variable, placement_of
 from toylib.transforms.lifting import plain_key
 
 __all__ = ["check_given", "constrain_returned", "input_shardings", "kept", "output_shardings"]
@@ -186,7 +186,7 @@ def kept(flat: Any, leaf_in: Sequence[Any]) -> dict[tuple, Any]:
     for path, leaf, given in zip(flat.paths, flat.leaves, leaf_in, strict=True):
         if not isinstance(leaf, Variable):
             continue
-        placed = leaf.get_metadata("placement", None) or given
+        placed = placement_of(leaf) or given
         if placed is not None:
             out[path] = placed
     return out

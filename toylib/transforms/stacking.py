@@ -17,7 +17,7 @@ from typing import Any
 from jax.sharding import NamedSharding, PartitionSpec
 
 from toylib._core.paths import Path
-from toylib._core.variables import Variable
+from toylib._core.variables import PLACEMENT, Variable
 from toylib.transforms.lifting import Flat
 
 __all__ = ["check_stacked_name", "named_leaves", "restack", "strip_axis"]
@@ -27,7 +27,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-SHARDING, PLACEMENT = "sharding", "placement"
+SHARDING = "sharding"
 
 BAD_STACKED_NAME = """\
 {caller}: stacked_name={value!r}; expected the logical axis name (a str) given to the
